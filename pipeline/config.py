@@ -1,0 +1,124 @@
+"""Typed build configuration loaded from YAML (unknown keys and wrong types are errors)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class InputFile(_Section):
+    """One input FASTA: an https://, http://, file:// URL or a local path."""
+
+    url: str
+    name: str | None = None  # file name under raw/; defaults to the URL's last path component
+    md5: str | None = None
+    sha256: str | None = None
+
+    @property
+    def file_name(self) -> str:
+        if self.name:
+            return self.name
+        tail = self.url.rstrip("/").rsplit("/", 1)[-1]
+        return tail.split("?", 1)[0]
+
+
+class Release(_Section):
+    """Where the release's identity and checksums come from."""
+
+    name: str | None = None  # e.g. "2024_03"; read from ``reldate_url`` when that is set
+    checksums_url: str | None = None  # UniProt RELEASE.metalink or an md5sum-style list
+    reldate_url: str | None = None  # UniProt reldate.txt
+
+
+class DownloadConfig(_Section):
+    retries: int = Field(5, ge=0)
+    backoff_s: float = Field(2.0, ge=0)
+    timeout_s: float = Field(60.0, gt=0)
+    block_bytes: int = Field(1 << 20, gt=0)
+
+
+class IngestConfig(_Section):
+    on_error: Literal["fail", "skip"] = "fail"  # skip-and-count bad records instead of failing
+    chunk_bytes: int = Field(16 << 20, ge=1 << 10)  # decompressed bytes parsed per chunk
+    row_group_rows: int = Field(100_000, gt=0)
+    bucket_bytes: int = Field(512 << 20, ge=1 << 10)  # on-disk partition size for dedup
+
+
+class BuildConfig(_Section):
+    """A whole dataset build."""
+
+    build: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    out_dir: str
+    seed: int = 0
+    threads: int = Field(2, gt=0)
+    release: Release = Release()
+    inputs: list[InputFile] = Field(min_length=1)
+    download: DownloadConfig = DownloadConfig()
+    ingest: IngestConfig = IngestConfig()
+
+    @model_validator(mode="after")
+    def _unique_input_names(self) -> BuildConfig:
+        names = [f.file_name for f in self.inputs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"inputs: file names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    @property
+    def out(self) -> Path:
+        return Path(self.out_dir)
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.out / "raw"
+
+    def raw_path(self, item: InputFile) -> Path:
+        return self.raw_dir / item.file_name
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid config: " + "; ".join(parts)
+
+
+def parse_config(data: Any, source: str = "<config>") -> BuildConfig:
+    """Validate a mapping as a :class:`BuildConfig`; errors name the offending key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: invalid config: expected a mapping at the top level")
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(source, err)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> BuildConfig:
+    """Load and validate a YAML build config."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"{p}: cannot read config: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
+    return parse_config(data, str(p))
+
+
+def config_to_dict(cfg: BuildConfig) -> dict[str, Any]:
+    """The resolved config (defaults filled in) as plain data, for manifests."""
+    return cfg.model_dump(mode="json")

