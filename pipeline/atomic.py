@@ -15,6 +15,7 @@ def temp_sibling(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
     return Path(name)
 
 

@@ -230,23 +230,41 @@ def _collapse(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 
 
 class _ParquetSink:
-    """Streams polars frames into one zstd Parquet file with fixed-size row groups."""
+    """Streams polars frames into one zstd Parquet file in row groups of exactly
+    ``row_group_rows`` (the last may be shorter), so the bytes do not depend on how the
+    input was partitioned."""
 
     def __init__(self, path: Path, row_group_rows: int) -> None:
         self.path, self.row_group_rows = path, row_group_rows
         self.writer: pq.ParquetWriter | None = None
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
         self.rows = 0
 
     def write(self, df: pl.DataFrame) -> None:
         table = df.to_arrow()
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
-        self.writer.write_table(table.cast(self.writer.schema), self.row_group_rows)
+        self.pending.append(table.cast(self.writer.schema))
+        self.pending_rows += table.num_rows
         self.rows += table.num_rows
+        if self.pending_rows >= self.row_group_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        table = pa.concat_tables(self.pending).combine_chunks()
+        full = table.num_rows - (0 if final else table.num_rows % self.row_group_rows)
+        if full:
+            self.writer.write_table(table.slice(0, full), self.row_group_rows)
+        rest = table.slice(full)
+        self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self.writer is None:
+            return
+        if self.pending_rows:
+            self._flush(final=True)
+        self.writer.close()
 
 
 def _residue_counts(sequences: pl.Series) -> np.ndarray:

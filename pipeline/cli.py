@@ -1,0 +1,130 @@
+"""``esm2-data``: one subcommand per dataset-build stage."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pipeline.config import BuildConfig, load_config
+from pipeline.errors import PipelineError
+
+Handler = Callable[[argparse.Namespace], int]
+_HANDLERS: dict[str, Handler] = {}
+
+
+def _command(name: str) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        _HANDLERS[name] = fn
+        return fn
+
+    return register
+
+
+def _config(args: argparse.Namespace) -> BuildConfig:
+    return load_config(args.config)
+
+
+@_command("download")
+def _download(args: argparse.Namespace) -> int:
+    from pipeline.download import run_download
+
+    record = run_download(_config(args))
+    for item in record["inputs"]:
+        print(f"{item['path']}\t{item['size']} bytes\tsha256 {item['sha256']}")
+    return 0
+
+
+@_command("ingest")
+def _ingest(args: argparse.Namespace) -> int:
+    from pipeline.ingest import ingest
+
+    if args.config:
+        cfg = _config(args)
+        inputs = [cfg.raw_path(item) for item in cfg.inputs]
+        out, opts = Path(cfg.out_dir), cfg.ingest
+        kwargs = {
+            "on_error": opts.on_error, "chunk_bytes": opts.chunk_bytes,
+            "row_group_rows": opts.row_group_rows, "bucket_bytes": opts.bucket_bytes,
+        }
+    else:
+        if not args.inputs or not args.out:
+            raise PipelineError("ingest: give --config, or FASTA files and --out")
+        inputs, out, kwargs = args.inputs, args.out, {}
+    if args.inputs and args.config:
+        inputs = args.inputs
+    if args.on_error:
+        kwargs["on_error"] = args.on_error
+    stats = ingest(inputs, out, **kwargs)
+    print(
+        f"ingested {stats['records_kept']} records ({stats['records_rejected']} rejected) -> "
+        f"{stats['unique_sequences']} unique sequences in {Path(out) / 'sequences.parquet'}"
+    )
+    return 0
+
+
+@_command("generate")
+def _generate(args: argparse.Namespace) -> int:
+    from pipeline.generate import write_families
+
+    path = write_families(args.out, args.n, seed=args.seed)
+    print(f"{path}: {args.n} synthetic family sequences (seed {args.seed})")
+    return 0
+
+
+@_command("show-config")
+def _show_config(args: argparse.Namespace) -> int:
+    from pipeline.config import config_to_dict
+
+    print(json.dumps(config_to_dict(_config(args)), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esm2-data", description="Build a UniProt/UniRef pretraining dataset for ESM-2."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="fetch the release files (resumable, checksum-verified)")
+    p.add_argument("--config", required=True, help="build config YAML")
+
+    p = sub.add_parser("ingest", help="FASTA -> sequences.parquet + records.parquet + stats")
+    p.add_argument("--config", help="build config YAML (reads <out_dir>/raw/*)")
+    p.add_argument("inputs", nargs="*", type=Path, help="FASTA files (plain or .gz)")
+    p.add_argument("--out", type=Path, help="output directory (without --config)")
+    p.add_argument("--on-error", choices=["fail", "skip"], help="override ingest.on_error")
+
+    p = sub.add_parser("generate", help="write synthetic protein families (benchmarks)")
+    p.add_argument("--n", type=int, required=True, help="number of sequences")
+    p.add_argument("--out", type=Path, required=True, help="output FASTA (.gz compresses)")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("show-config", help="print the resolved config (defaults filled in)")
+    p.add_argument("--config", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return _HANDLERS[args.command](args)
+    except PipelineError as err:
+        print(f"esm2-data: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("esm2-data: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

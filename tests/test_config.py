@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config, parse_config
+from pipeline.errors import ConfigError
+from tests.helpers import REPO
+
+MINIMAL = {"build": "b", "out_dir": "out", "inputs": [{"url": "x.fasta.gz"}]}
+
+
+@pytest.mark.parametrize("name", ["sample.yaml", "uniprot.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(REPO / "config" / name)
+    assert cfg.inputs
+    assert cfg.raw_path(cfg.inputs[0]).parent == Path(cfg.out_dir) / "raw"
+
+
+def test_defaults_are_filled_in() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.ingest.on_error == "fail"
+    assert cfg.download.retries == 5
+    assert cfg.inputs[0].file_name == "x.fasta.gz"
+
+
+def test_unknown_key_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"ingest\.chunk_size: unknown key"):
+        parse_config({**MINIMAL, "ingest": {"chunk_size": 10}})
+
+
+def test_wrong_type_is_named() -> None:
+    with pytest.raises(ConfigError, match=r"download\.retries: Input should be a valid integer"):
+        parse_config({**MINIMAL, "download": {"retries": "many"}})
+
+
+def test_bad_choice_and_missing_key() -> None:
+    with pytest.raises(ConfigError, match=r"ingest\.on_error") as err:
+        parse_config({"build": "b", "inputs": [{"url": "a"}], "ingest": {"on_error": "ignore"}})
+    assert "out_dir" in str(err.value)
+
+
+def test_duplicate_input_names_rejected() -> None:
+    cfg = {**MINIMAL, "inputs": [{"url": "a/x.fa"}, {"url": "b/x.fa"}]}
+    with pytest.raises(ConfigError, match=r"repeated: x\.fa"):
+        parse_config(cfg)
+
+
+def test_cli_reports_config_error_in_one_line(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("build: b\nout_dir: o\ninputs: [{url: a}]\nthreads: two\n")
+    assert main(["show-config", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith(f"esm2-data: error: {bad}: invalid config: threads:")
+
+
+def test_cli_missing_and_invalid_yaml(tmp_path: Path, capsys) -> None:
+    assert main(["show-config", "--config", str(tmp_path / "nope.yaml")]) == 1
+    assert "cannot read config" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("build: [unclosed\n")
+    assert main(["show-config", "--config", str(broken)]) == 1
+    assert "not valid YAML" in capsys.readouterr().err
