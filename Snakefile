@@ -33,9 +33,7 @@ _write_resolved_config()
 
 rule all:
     input:
-        OUT / "sequences.parquet",
-        OUT / "records.parquet",
-        OUT / "stats" / "ingest.json",
+        OUT / "stats" / "leakage.json",
 
 
 rule download:
@@ -61,3 +59,45 @@ rule ingest:
         OUT / "logs" / "ingest.log",
     shell:
         "{ESM2_DATA} ingest --config {input.config} 2>&1 | tee {log}"
+
+
+rule cluster:
+    input:
+        config=RESOLVED,
+        sequences=OUT / "sequences.parquet",
+        records=OUT / "records.parquet",
+    output:
+        clusters=OUT / "clusters.parquet",
+        stats=OUT / "stats" / "cluster.json",
+    log:
+        OUT / "logs" / "cluster.log",
+    threads: CFG.threads
+    shell:
+        "{ESM2_DATA} cluster --config {input.config} 2>&1 | tee {log}"
+
+
+rule split:
+    input:
+        config=RESOLVED,
+        clusters=OUT / "clusters.parquet",
+    output:
+        splits=OUT / "splits.parquet",
+        stats=OUT / "stats" / "split.json",
+    log:
+        OUT / "logs" / "split.log",
+    threads: CFG.threads
+    shell:
+        "{ESM2_DATA} split --config {input.config} 2>&1 | tee {log}"
+
+
+rule check_leakage:
+    input:
+        config=RESOLVED,
+        splits=OUT / "splits.parquet",
+    output:
+        report=OUT / "stats" / "leakage.json",
+    log:
+        OUT / "logs" / "leakage.log",
+    threads: CFG.threads
+    shell:
+        "{ESM2_DATA} check-leakage --config {input.config} 2>&1 | tee {log}"

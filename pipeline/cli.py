@@ -66,6 +66,54 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("cluster")
+def _cluster(args: argparse.Namespace) -> int:
+    from pipeline.cluster import cluster
+
+    cfg = _config(args)
+    stats = cluster(cfg.out_dir, cfg.cluster, cfg.threads)
+    print(
+        f"{stats['records']} records, {stats['sequences']} distinct sequences -> "
+        f"{stats['uniref90']['clusters']} UniRef90 / {stats['uniref50']['clusters']} UniRef50 "
+        f"clusters in {Path(cfg.out_dir) / 'clusters.parquet'}"
+    )
+    return 0
+
+
+@_command("split")
+def _split(args: argparse.Namespace) -> int:
+    from pipeline.split import split
+
+    cfg = _config(args)
+    stats = split(cfg.out_dir, cfg.split, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
+    for name, row in stats["splits"].items():
+        print(f"{name:<6} {row['uniref50_clusters']:>9} UniRef50 {row['sequences']:>11} sequences")
+    return 0
+
+
+@_command("check-leakage")
+def _check_leakage(args: argparse.Namespace) -> int:
+    from pipeline.leakage import check_leakage
+
+    cfg = _config(args)
+    report = check_leakage(cfg.out_dir, cfg.leakage, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
+    print(
+        f"leakage: {report['at_or_above_threshold']} of {report['queries']} held-out sequences "
+        f"({report['fraction_at_or_above_threshold']:.2%}) have a train hit >= "
+        f"{report['identity_threshold']:.0%} identity (limit {report['max_fraction']:.2%})"
+    )
+    return 0
+
+
+@_command("mmseqs-version")
+def _mmseqs_version(args: argparse.Namespace) -> int:
+    from pipeline.mmseqs import find_mmseqs, mmseqs_version
+
+    binary = find_mmseqs(args.mmseqs)
+    print(f"{binary}\t{mmseqs_version(binary)}")
+    return 0
+
+
 @_command("generate")
 def _generate(args: argparse.Namespace) -> int:
     from pipeline.generate import write_families
@@ -98,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", type=Path, help="FASTA files (plain or .gz)")
     p.add_argument("--out", type=Path, help="output directory (without --config)")
     p.add_argument("--on-error", choices=["fail", "skip"], help="override ingest.on_error")
+
+    for name, text in (
+        ("cluster", "MMseqs2 UniRef90 then UniRef50 clustering -> clusters.parquet"),
+        ("split", "assign whole UniRef50 clusters to train/valid/test -> splits.parquet"),
+        ("check-leakage", "search valid/test against train; fail above the configured bound"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", required=True, help="build config YAML")
+
+    p = sub.add_parser("mmseqs-version", help="print the MMseqs2 binary in use and its version")
+    p.add_argument("--mmseqs", help="explicit path to the binary")
 
     p = sub.add_parser("generate", help="write synthetic protein families (benchmarks)")
     p.add_argument("--n", type=int, required=True, help="number of sequences")

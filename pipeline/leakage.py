@@ -1,0 +1,134 @@
+"""Leakage check: how close do held-out (valid/test) sequences come to the training set?
+
+MMseqs2 searches a seeded sample of the valid and test sequences against every train sequence
+(coverage of the query >= ``coverage``, full alignments for exact identity). The report gives the
+distribution of each query's best-hit identity and the fraction at or above
+``identity_threshold``; the build fails when that fraction exceeds ``max_fraction``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from pipeline.atomic import scratch_dir, write_text_atomic
+from pipeline.cluster import write_indexed_fasta
+from pipeline.config import LeakageConfig
+from pipeline.errors import PipelineError
+from pipeline.mmseqs import MMseqs
+
+IDENTITY_BINS = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]
+
+
+def _split_of_rows(out: Path) -> pl.DataFrame:
+    """(row, accession, split) for every row of sequences.parquet."""
+    seqs = pl.read_parquet(out / "sequences.parquet", columns=["accession"]).with_row_index("row")
+    clusters = pl.read_parquet(out / "clusters.parquet", columns=["accession", "rep50"])
+    splits = pl.read_parquet(out / "splits.parquet", columns=["rep50", "split"])
+    return (
+        seqs.join(clusters, on="accession", how="left")
+        .join(splits, on="rep50", how="left")
+        .select(pl.col("row").cast(pl.Int64), "accession", "split")
+    )
+
+
+def _sample(rows: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    if rows.height <= n:
+        return rows
+    key = rows.get_column("accession").map_elements(
+        lambda a: hashlib.blake2b(f"{seed}:{a}".encode(), digest_size=8).hexdigest(),
+        return_dtype=pl.String,
+    )
+    return rows.with_columns(key.alias("_k")).sort("_k").head(n).drop("_k").sort("row")
+
+
+def check_leakage(out_dir: str | Path, cfg: LeakageConfig, seed: int, threads: int,
+                  mmseqs: str | None = None) -> dict:
+    """Search held-out sequences against train; write stats/leakage.json or fail."""
+    out = Path(out_dir)
+    for name in ("sequences.parquet", "clusters.parquet", "splits.parquet"):
+        if not (out / name).is_file():
+            raise PipelineError(f"{out / name}: missing (run cluster and split first)")
+    rows = _split_of_rows(out)
+    if rows.get_column("split").null_count():
+        raise PipelineError(f"{out}: sequences without a split (stale splits.parquet?)")
+    held_out = rows.filter(pl.col("split") != "train")
+    queries = _sample(held_out, cfg.max_queries, seed)
+    n = rows.height
+    is_query = np.zeros(n, dtype=bool)
+    is_query[queries.get_column("row").to_numpy()] = True
+    is_train = (rows.get_column("split") == "train").to_numpy()
+    if not is_train.any():
+        raise PipelineError(f"{out}: no train sequences to check against")
+    mm = MMseqs.create(mmseqs, threads, out / "logs" / "leakage.mmseqs.log")
+    mm.log.write_text(f"mmseqs {mm.version}\n", encoding="utf-8")
+    best = pl.DataFrame(schema={"query": pl.Int64, "target": pl.Int64, "fident": pl.Float64})
+    if is_query.any():
+        with scratch_dir(out, "leakage") as tmp:
+            write_indexed_fasta(out / "sequences.parquet", tmp / "q.fasta", keep=is_query)
+            write_indexed_fasta(out / "sequences.parquet", tmp / "t.fasta", keep=is_train)
+            mm.run("createdb", tmp / "q.fasta", tmp / "q", "--dbtype", "1", threads=False)
+            mm.run("createdb", tmp / "t.fasta", tmp / "t", "--dbtype", "1", threads=False)
+            mm.run(
+                "search", tmp / "q", tmp / "t", tmp / "res", tmp / "tmp",
+                "-s", str(cfg.sensitivity), "-c", str(cfg.coverage), "--cov-mode", "2",
+                "--alignment-mode", "3", "-e", "1e-3",
+            )
+            mm.run("convertalis", tmp / "q", tmp / "t", tmp / "res", tmp / "hits.tsv",
+                   "--format-output", "query,target,fident")
+            hits = pl.read_csv(
+                tmp / "hits.tsv", separator="\t", has_header=False,
+                new_columns=["query", "target", "fident"],
+                schema_overrides={"query": pl.Int64, "target": pl.Int64, "fident": pl.Float64},
+            )
+        best = hits.sort(["query", "fident", "target"], descending=[False, True, False]).unique(
+            "query", keep="first", maintain_order=True
+        )
+    report = _report(queries, best, rows, cfg, held_out.height)
+    if report["fraction_at_or_above_threshold"] > cfg.max_fraction:
+        write_text_atomic(out / "stats" / "leakage.failed.json", json.dumps(report, indent=2))
+        raise PipelineError(
+            f"leakage check failed: {report['fraction_at_or_above_threshold']:.2%} of held-out "
+            f"sequences have a train hit with >= {cfg.identity_threshold:.0%} identity at "
+            f">= {cfg.coverage:.0%} coverage (limit {cfg.max_fraction:.2%}); "
+            f"report: {out / 'stats' / 'leakage.failed.json'}"
+        )
+    write_text_atomic(out / "stats" / "leakage.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _report(queries: pl.DataFrame, best: pl.DataFrame, rows: pl.DataFrame,
+            cfg: LeakageConfig, held_out: int) -> dict:
+    ident = queries.select("row").join(best, left_on="row", right_on="query", how="left")
+    values = ident.get_column("fident").drop_nulls().to_numpy()
+    n = queries.height
+    above = int((values >= cfg.identity_threshold).sum())
+    counts, _ = np.histogram(values, bins=IDENTITY_BINS)
+    labels = [f"{lo:.2f}-{min(hi, 1.0):.2f}" for lo, hi in itertools.pairwise(IDENTITY_BINS)]
+    names = rows.select("row", "accession")
+    worst = (
+        best.sort(["fident", "query"], descending=[True, False]).head(10)
+        .join(names, left_on="query", right_on="row").rename({"accession": "held_out"})
+        .join(names, left_on="target", right_on="row").rename({"accession": "train"})
+        .sort(["fident", "held_out"], descending=[True, False])
+        .select("held_out", "train", "fident")
+    )
+    return {
+        "held_out_sequences": held_out,
+        "queries": n,
+        "queries_with_hit": len(values),
+        "coverage": cfg.coverage,
+        "identity_threshold": cfg.identity_threshold,
+        "max_fraction": cfg.max_fraction,
+        "at_or_above_threshold": above,
+        "fraction_at_or_above_threshold": above / n if n else 0.0,
+        "best_hit_identity_histogram": {
+            "no_hit": n - len(values), **dict(zip(labels, counts.tolist(), strict=True))
+        },
+        "closest_pairs": worst.to_dicts(),
+    }

@@ -1,0 +1,92 @@
+"""Split groups: UniRef50 clusters linked by residual homology, so splits can keep them together.
+
+Greedy clustering leaves sequences that are >= 50% identical to a *different* cluster's
+representative (a fragment or a sequence that joined a longer representative first). Assigning
+splits per cluster would let such pairs straddle train and valid/test. Here every distinct sequence
+is searched against the UniRef50 representatives with MMseqs2; each hit links the query's cluster
+with the target's, and the connected components (scipy.sparse.csgraph) become split groups named
+by their smallest cluster id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from pipeline.atomic import scratch_dir
+from pipeline.cluster import write_indexed_fasta
+from pipeline.config import SplitConfig
+from pipeline.mmseqs import MMseqs
+
+
+def row_clusters(out: Path) -> pl.DataFrame:
+    """(row, rep50) for every row of sequences.parquet."""
+    seqs = pl.read_parquet(out / "sequences.parquet", columns=["accession"]).with_row_index("row")
+    clusters = pl.read_parquet(out / "clusters.parquet", columns=["accession", "rep50"])
+    return seqs.join(clusters, on="accession", how="left").select(
+        pl.col("row").cast(pl.Int64), "rep50"
+    )
+
+
+def components(reps: pl.Series, edges: pl.DataFrame) -> pl.DataFrame:
+    """(rep50, group) where group is the smallest rep50 id of its connected component."""
+    index = pl.DataFrame({"rep50": reps.sort()}).with_row_index("i")
+    pairs = (
+        edges.join(index, left_on="a", right_on="rep50")
+        .rename({"i": "ia"})
+        .join(index, left_on="b", right_on="rep50")
+        .rename({"i": "ib"})
+    )
+    n = index.height
+    ia = pairs.get_column("ia").to_numpy().astype(np.int64)
+    ib = pairs.get_column("ib").to_numpy().astype(np.int64)
+    graph = coo_matrix((np.ones(len(ia), dtype=np.int8), (ia, ib)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    # rep ids are sorted, so the first member of each component has the smallest id
+    first = np.full(labels.max() + 1 if n else 0, -1)
+    for i in range(n - 1, -1, -1):
+        first[labels[i]] = i
+    names = index.get_column("rep50").to_numpy()
+    return pl.DataFrame({"rep50": names, "group": names[first[labels]]})
+
+
+def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None) -> tuple[
+    pl.DataFrame, int
+]:
+    """(rep50, group) for every UniRef50 cluster, and the number of cross-cluster links."""
+    rows = row_clusters(out)
+    reps = rows.get_column("rep50").unique()
+    if cfg.link_identity is None:
+        return pl.DataFrame({"rep50": reps.sort(), "group": reps.sort()}), 0
+    rep_accessions = reps.str.replace("^UniRef50_", "")
+    accessions = pl.read_parquet(out / "sequences.parquet", columns=["accession"])
+    is_rep = accessions.get_column("accession").is_in(rep_accessions.implode()).to_numpy()
+    mm = MMseqs.create(mmseqs, threads, out / "logs" / "split.mmseqs.log")
+    mm.log.write_text(f"mmseqs {mm.version}\n", encoding="utf-8")
+    with scratch_dir(out, "split") as tmp:
+        write_indexed_fasta(out / "sequences.parquet", tmp / "all.fasta")
+        write_indexed_fasta(out / "sequences.parquet", tmp / "reps.fasta", keep=is_rep)
+        mm.run("createdb", tmp / "all.fasta", tmp / "q", "--dbtype", "1", threads=False)
+        mm.run("createdb", tmp / "reps.fasta", tmp / "t", "--dbtype", "1", threads=False)
+        mm.run(
+            "search", tmp / "q", tmp / "t", tmp / "res", tmp / "tmp",
+            "-s", str(cfg.link_sensitivity), "-c", str(cfg.link_coverage), "--cov-mode", "2",
+            "--min-seq-id", str(cfg.link_identity), "--alignment-mode", "3", "-e", "1e-3",
+        )
+        mm.run("convertalis", tmp / "q", tmp / "t", tmp / "res", tmp / "hits.tsv",
+               "--format-output", "query,target")
+        hits = pl.read_csv(tmp / "hits.tsv", separator="\t", has_header=False,
+                           new_columns=["query", "target"],
+                           schema_overrides={"query": pl.Int64, "target": pl.Int64})
+    edges = (
+        hits.join(rows.rename({"row": "query", "rep50": "a"}), on="query")
+        .join(rows.rename({"row": "target", "rep50": "b"}), on="target")
+        .filter(pl.col("a") != pl.col("b"))
+        .select("a", "b")
+        .unique()
+    )
+    return components(reps, edges), edges.height
