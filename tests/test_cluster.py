@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.generate import AMINO, _mutate, _random_sequence
+from pipeline.split import read_pins, split, split_of
+from tests.builds import build_config, run_leakage, run_through_split
+from tests.helpers import shared_file, write_fasta
+
+LETTERS = np.frombuffer(AMINO.encode(), np.uint8)
+
+
+def substitute(rng: np.random.Generator, seq: np.ndarray, identity: float) -> np.ndarray:
+    """Exactly round((1 - identity) * len) substitutions, no indels: full-length pairs."""
+    out = seq.copy()
+    sites = rng.choice(len(seq), size=round((1 - identity) * len(seq)), replace=False)
+    out[sites] = (out[sites] + rng.integers(1, 20, size=len(sites))) % 20
+    return out
+
+
+@pytest.fixture(scope="module")
+def constructed(tmp_path_factory):
+    """Families: a root, a 97% copy, a 70% relative; plus unrelated sequences."""
+    rng = np.random.default_rng(42)
+    records = []
+    for fam in range(4):
+        root = _random_sequence(rng, int(rng.integers(250, 400)))
+        variants = {"root": root, "near": substitute(rng, root, 0.97),
+                    "far": substitute(rng, root, 0.70)}
+        for name, seq in variants.items():
+            records.append((f"F{fam}{name}", LETTERS[seq].tobytes().decode()))
+    for i in range(6):
+        seq = _mutate(rng, _random_sequence(rng, 300), 0.0)
+        records.append((f"U{i}", LETTERS[seq].tobytes().decode()))
+    tmp = tmp_path_factory.mktemp("constructed")
+    fasta = write_fasta(tmp / "fam.fa", "".join(f">{a} family\n{s}\n" for a, s in records))
+    cfg = build_config(tmp / "build", [fasta])
+    run_through_split(cfg, [fasta])
+    return cfg, pl.read_parquet(tmp / "build" / "clusters.parquet")
+
+
+def test_constructed_families_cluster_as_uniref(constructed) -> None:
+    _, clusters = constructed
+    rep = {row["accession"]: row for row in clusters.iter_rows(named=True)}
+    for fam in range(4):
+        root, near, far = (rep[f"F{fam}{n}"] for n in ("root", "near", "far"))
+        assert root["rep90"] == near["rep90"], fam  # >= 95% identity: same UniRef90
+        assert root["rep50"] == far["rep50"], fam  # ~70%: same UniRef50 ...
+        assert root["rep90"] != far["rep90"], fam  # ... but not the same UniRef90
+    unrelated = [rep[f"U{i}"] for i in range(6)]
+    others = {r["rep50"] for a, r in rep.items() if not a.startswith("U")}
+    assert len({u["rep50"] for u in unrelated}) == 6
+    assert not {u["rep50"] for u in unrelated} & others
+    assert clusters.get_column("rep90").str.starts_with("UniRef90_").all()
+
+
+def test_cluster_members_all_keep_a_split(constructed) -> None:
+    cfg, clusters = constructed
+    splits = pl.read_parquet(f"{cfg.out_dir}/splits.parquet")
+    joined = clusters.join(splits, on="rep50", how="left")
+    assert joined.get_column("split").null_count() == 0
+    assert joined.group_by("rep50").agg(pl.col("split").n_unique()).get_column("split").max() == 1
+
+
+def test_split_hash_is_seeded_and_uniform() -> None:
+    ids = [f"UniRef50_X{i}" for i in range(20_000)]
+    draws = [split_of(i, 0, 0.1, 0.2) for i in ids]
+    assert abs(draws.count("valid") / len(ids) - 0.1) < 0.01
+    assert abs(draws.count("test") / len(ids) - 0.2) < 0.01
+    assert draws != [split_of(i, 1, 0.1, 0.2) for i in ids]
+    assert draws == [split_of(i, 0, 0.1, 0.2) for i in ids]
+
+
+def test_pins_validation(tmp_path) -> None:
+    good = tmp_path / "pins.tsv"
+    good.write_text("rep50\tsplit\nUniRef50_A\tvalid\n")
+    assert read_pins(good).to_dicts() == [{"rep50": "UniRef50_A", "split": "valid"}]
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("UniRef50_A\tholdout\n")
+    with pytest.raises(PipelineError, match="unknown split 'holdout'"):
+        read_pins(bad)
+    with pytest.raises(PipelineError, match="not found"):
+        read_pins(tmp_path / "nope.tsv")
+
+
+def test_pins_move_whole_groups(constructed, tmp_path) -> None:
+    cfg, _ = constructed
+
+    first = pl.read_parquet(f"{cfg.out_dir}/splits.parquet")
+    target = first.filter(pl.col("split") == "train").get_column("rep50")[0]
+    pins = tmp_path / "pins.tsv"
+    pins.write_text(f"{target}\ttest\nUniRef50_GONE\tvalid\n")
+    pinned_cfg = cfg.split.model_copy(update={"pins": str(pins)})
+    stats = split(cfg.out_dir, pinned_cfg, cfg.seed)
+    after = pl.read_parquet(f"{cfg.out_dir}/splits.parquet")
+    assert after.filter(pl.col("rep50") == target).get_column("split").item() == "test"
+    assert stats["pinned_clusters"] == 1 and stats["pins_not_in_build"] == 1
+    split(cfg.out_dir, cfg.split, cfg.seed)  # restore for other tests
+
+
+def test_real_families_cluster_purely_and_do_not_leak(tmp_path) -> None:
+    """OpenFold jackhmmer hits: real homologous families (their TSV names each record's)."""
+    hits = shared_file("openfold_msa_uniprot_hits.fasta.gz")
+    query = shared_file("mmseqs2_examples_query.fasta.gz")
+    families = pl.read_csv(shared_file("openfold_msa_hits_families.tsv"), separator="\t")
+    cfg = build_config(tmp_path / "b", [hits, query])
+    run_through_split(cfg, [hits, query])
+    clusters = pl.read_parquet(tmp_path / "b" / "clusters.parquet")
+    fam = families.filter(pl.col("source_db") == "uniprot").select(
+        pl.col("seq_id").str.split("|").list.get(1).alias("accession"), "family"
+    )
+    labelled = clusters.join(fam, on="accession")
+    assert labelled.height == 2692
+    purity = labelled.group_by("rep50").agg(pl.col("family").n_unique().alias("n"))
+    assert purity.get_column("n").max() == 1  # no UniRef50 cluster mixes two families
+    splits = pl.read_parquet(tmp_path / "b" / "splits.parquet")
+    per_cluster = clusters.join(splits, on="rep50").group_by("rep50").agg(
+        pl.col("split").n_unique())
+    assert per_cluster.get_column("split").max() == 1
+    assert set(splits.get_column("split")) == {"train", "valid", "test"}
+    report = run_leakage(cfg)
+    assert report["queries"] > 50
+    assert report["fraction_at_or_above_threshold"] <= cfg.leakage.max_fraction
+    assert sum(report["best_hit_identity_histogram"].values()) == report["queries"]
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+def test_two_runs_are_byte_identical(constructed, tmp_path, threads: int) -> None:
+    """Same input + config ⇒ same bytes; also across MMseqs2 thread counts (1 vs 2)."""
+    cfg, _ = constructed
+    src = cfg.inputs[0].url
+    again = build_config(tmp_path / "again", [src], threads=threads)
+    run_through_split(again, [src])
+    for name in ("sequences.parquet", "records.parquet", "clusters.parquet", "splits.parquet"):
+        ours = (tmp_path / "again" / name).read_bytes()
+        assert ours == (Path(cfg.out_dir) / name).read_bytes(), name
