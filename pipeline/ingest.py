@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC, RawRecords, iter_raw_records, parse_headers
+from pipeline.partition import BucketWriter, ParquetSink
 from pipeline.progress import progress_bar
 
 RESIDUES = b"LAGVSERTIDPKQNFYMHWCXBUZO"  # 20 canonical + X B U Z O, as in the ESM alphabet
@@ -139,40 +139,6 @@ def _chunk_frame(
     )
 
 
-class _BucketWriter:
-    """Appends chunk tables to ``n`` on-disk partitions chosen by a key expression."""
-
-    def __init__(self, root: Path, prefix: str, n: int) -> None:
-        self.paths = [root / f"{prefix}-{i:05d}.parquet" for i in range(n)]
-        self.writers: list[pq.ParquetWriter | None] = [None] * n
-        self.n = n
-
-    def write(self, df: pl.DataFrame, bucket: pl.Expr) -> None:
-        if df.is_empty():
-            return
-        if self.n == 1:
-            self._append(0, df)
-            return
-        for (b,), part in df.with_columns(bucket.alias("_b")).partition_by(
-            "_b", as_dict=True, include_key=False
-        ).items():
-            self._append(int(b), part)
-
-    def _append(self, i: int, df: pl.DataFrame) -> None:
-        table = df.to_arrow()
-        if self.writers[i] is None:
-            self.writers[i] = pq.ParquetWriter(self.paths[i], table.schema, compression="lz4")
-        self.writers[i].write_table(table)
-
-    def close(self) -> list[Path | None]:
-        out: list[Path | None] = []
-        for path, writer in zip(self.paths, self.writers, strict=True):
-            if writer is not None:
-                writer.close()
-            out.append(path if writer is not None else None)
-        return out
-
-
 def plan_buckets(paths: Sequence[Path], bucket_bytes: int) -> int:
     """Number of on-disk partitions so that each holds about ``bucket_bytes`` of FASTA."""
     total = 0.0
@@ -230,44 +196,6 @@ def _collapse(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return uniques, records
 
 
-class _ParquetSink:
-    """Streams polars frames into one zstd Parquet file in row groups of exactly
-    ``row_group_rows`` (the last may be shorter), so the bytes do not depend on how the
-    input was partitioned."""
-
-    def __init__(self, path: Path, row_group_rows: int) -> None:
-        self.path, self.row_group_rows = path, row_group_rows
-        self.writer: pq.ParquetWriter | None = None
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.rows = 0
-
-    def write(self, df: pl.DataFrame) -> None:
-        table = df.to_arrow()
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
-        self.pending.append(table.cast(self.writer.schema))
-        self.pending_rows += table.num_rows
-        self.rows += table.num_rows
-        if self.pending_rows >= self.row_group_rows:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        table = pa.concat_tables(self.pending).combine_chunks()
-        full = table.num_rows - (0 if final else table.num_rows % self.row_group_rows)
-        if full:
-            self.writer.write_table(table.slice(0, full), self.row_group_rows)
-        rest = table.slice(full)
-        self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
-
-    def close(self) -> None:
-        if self.writer is None:
-            return
-        if self.pending_rows:
-            self._flush(final=True)
-        self.writer.close()
-
-
 def _residue_counts(sequences: pl.Series) -> np.ndarray:
     """Counts of each residue letter over a String series (reads the Arrow data buffer)."""
     counts = np.zeros(256, np.int64)
@@ -301,8 +229,8 @@ def ingest(
             raise InputFormatError(f"{p}: no such file")
     n_buckets = plan_buckets(sources, bucket_bytes)
     with scratch_dir(out, "ingest") as tmp:
-        seq_buckets = _BucketWriter(tmp, "seq", n_buckets)
-        acc_buckets = _BucketWriter(tmp, "acc", n_buckets)
+        seq_buckets = BucketWriter(tmp, "seq", n_buckets)
+        acc_buckets = BucketWriter(tmp, "acc", n_buckets)
         seq_bucket = (
             pl.col("seq_hash").str.slice(0, 6).str.to_integer(base=16) * n_buckets // (1 << 24)
         )
@@ -336,8 +264,8 @@ def _finish(
     unique_residues = 0
     seq_out, rec_out = out / "sequences.parquet", out / "records.parquet"
     with atomic_path(seq_out) as tmp_seq, atomic_path(rec_out) as tmp_rec:
-        uniques_sink = _ParquetSink(tmp_seq, row_group_rows)
-        records_sink = _ParquetSink(tmp_rec, row_group_rows)
+        uniques_sink = ParquetSink(tmp_seq, row_group_rows)
+        records_sink = ParquetSink(tmp_rec, row_group_rows)
         try:
             for path in seq_paths:
                 if path is None:
