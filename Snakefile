@@ -31,9 +31,12 @@ def _write_resolved_config() -> None:
 _write_resolved_config()
 
 
+MANIFEST = Path(CFG.manifest_dir) / f"{CFG.build}.json"
+
+
 rule all:
     input:
-        OUT / "stats" / "leakage.json",
+        MANIFEST,
 
 
 rule download:
@@ -101,3 +104,45 @@ rule check_leakage:
     threads: CFG.threads
     shell:
         "{ESM2_DATA} check-leakage --config {input.config} 2>&1 | tee {log}"
+
+
+rule shards:
+    input:
+        config=RESOLVED,
+        splits=OUT / "splits.parquet",
+        leakage=OUT / "stats" / "leakage.json",
+    output:
+        shards=directory(OUT / "shards"),
+        stats=OUT / "stats" / "shards.json",
+    log:
+        OUT / "logs" / "shards.log",
+    shell:
+        "{ESM2_DATA} shards --config {input.config} 2>&1 | tee {log}"
+
+
+rule validation:
+    input:
+        config=RESOLVED,
+        splits=OUT / "splits.parquet",
+        leakage=OUT / "stats" / "leakage.json",
+    output:
+        validation=directory(OUT / "validation"),
+        stats=OUT / "stats" / "validation.json",
+    log:
+        OUT / "logs" / "validation.log",
+    shell:
+        "{ESM2_DATA} validation --config {input.config} 2>&1 | tee {log}"
+
+
+rule manifest:
+    input:
+        config=RESOLVED,
+        shards=OUT / "stats" / "shards.json",
+        validation=OUT / "stats" / "validation.json",
+        leakage=OUT / "stats" / "leakage.json",
+    output:
+        MANIFEST,
+    log:
+        OUT / "logs" / "manifest.log",
+    shell:
+        "{ESM2_DATA} manifest --config {input.config} 2>&1 | tee {log}"

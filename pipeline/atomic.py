@@ -38,6 +38,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp creates 0700; outputs are meant to be shared
     try:
         yield tmp
         if final.exists():

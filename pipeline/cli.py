@@ -28,12 +28,15 @@ def _config(args: argparse.Namespace) -> BuildConfig:
     return load_config(args.config)
 
 
+def _run(name: str, args: argparse.Namespace) -> dict:
+    from pipeline.stages import run_stage
+
+    return run_stage(name, _config(args))
+
+
 @_command("download")
 def _download(args: argparse.Namespace) -> int:
-    from pipeline.download import run_download
-
-    record = run_download(_config(args))
-    for item in record["inputs"]:
+    for item in _run("download", args)["inputs"]:
         print(f"{item['path']}\t{item['size']} bytes\tsha256 {item['sha256']}")
     return 0
 
@@ -42,23 +45,12 @@ def _download(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from pipeline.ingest import ingest
 
-    if args.config:
-        cfg = _config(args)
-        inputs = [cfg.raw_path(item) for item in cfg.inputs]
-        out, opts = Path(cfg.out_dir), cfg.ingest
-        kwargs = {
-            "on_error": opts.on_error, "chunk_bytes": opts.chunk_bytes,
-            "row_group_rows": opts.row_group_rows, "bucket_bytes": opts.bucket_bytes,
-        }
+    if args.config and not args.inputs:
+        stats, out = _run("ingest", args), Path(_config(args).out_dir)
+    elif args.inputs and args.out and not args.config:
+        stats, out = ingest(args.inputs, args.out, on_error=args.on_error or "fail"), args.out
     else:
-        if not args.inputs or not args.out:
-            raise PipelineError("ingest: give --config, or FASTA files and --out")
-        inputs, out, kwargs = args.inputs, args.out, {}
-    if args.inputs and args.config:
-        inputs = args.inputs
-    if args.on_error:
-        kwargs["on_error"] = args.on_error
-    stats = ingest(inputs, out, **kwargs)
+        raise PipelineError("ingest: give either --config, or FASTA files and --out")
     print(
         f"ingested {stats['records_kept']} records ({stats['records_rejected']} rejected) -> "
         f"{stats['unique_sequences']} unique sequences in {Path(out) / 'sequences.parquet'}"
@@ -68,40 +60,88 @@ def _ingest(args: argparse.Namespace) -> int:
 
 @_command("cluster")
 def _cluster(args: argparse.Namespace) -> int:
-    from pipeline.cluster import cluster
-
-    cfg = _config(args)
-    stats = cluster(cfg.out_dir, cfg.cluster, cfg.threads)
+    stats = _run("cluster", args)
     print(
         f"{stats['records']} records, {stats['sequences']} distinct sequences -> "
         f"{stats['uniref90']['clusters']} UniRef90 / {stats['uniref50']['clusters']} UniRef50 "
-        f"clusters in {Path(cfg.out_dir) / 'clusters.parquet'}"
+        "clusters"
     )
     return 0
 
 
 @_command("split")
 def _split(args: argparse.Namespace) -> int:
-    from pipeline.split import split
-
-    cfg = _config(args)
-    stats = split(cfg.out_dir, cfg.split, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
-    for name, row in stats["splits"].items():
+    for name, row in _run("split", args)["splits"].items():
         print(f"{name:<6} {row['uniref50_clusters']:>9} UniRef50 {row['sequences']:>11} sequences")
     return 0
 
 
 @_command("check-leakage")
 def _check_leakage(args: argparse.Namespace) -> int:
-    from pipeline.leakage import check_leakage
-
-    cfg = _config(args)
-    report = check_leakage(cfg.out_dir, cfg.leakage, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
+    report = _run("check-leakage", args)
     print(
         f"leakage: {report['at_or_above_threshold']} of {report['queries']} held-out sequences "
         f"({report['fraction_at_or_above_threshold']:.2%}) have a train hit >= "
         f"{report['identity_threshold']:.0%} identity (limit {report['max_fraction']:.2%})"
     )
+    return 0
+
+
+@_command("shards")
+def _shards(args: argparse.Namespace) -> int:
+    for name, row in _run("shards", args).items():
+        print(f"{name:<6} {row['samples']:>9} clusters in {row['shards']} shards, "
+              f"{row['bytes']} bytes")
+    return 0
+
+
+@_command("validation")
+def _validation(args: argparse.Namespace) -> int:
+    if args.regenerate:
+        from pipeline.regenerate import regenerate_validation
+
+        work, problems = regenerate_validation(args.regenerate, args.workdir, args.keep)
+        for line in problems:
+            print(f"DIFFERS {line}", file=sys.stderr)
+        if problems:
+            raise PipelineError(f"validation set differs from {args.regenerate} "
+                                f"({len(problems)} files); regenerated files kept in {work}")
+        print(f"validation set regenerated from {args.regenerate}: every sha256 matches")
+        return 0
+    if not args.config:
+        raise PipelineError("validation: give --config, or --regenerate MANIFEST")
+    summary = _run("validation", args)
+    print(f"validation: {summary['sequences']} UniRef50 representatives "
+          f"(of {summary['valid_clusters_available']} valid clusters)")
+    return 0
+
+
+@_command("manifest")
+def _manifest(args: argparse.Namespace) -> int:
+    from pipeline.manifest import write_manifest
+
+    print(write_manifest(_config(args), args.out))
+    return 0
+
+
+@_command("verify")
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.manifest import verify
+
+    problems = verify(args.manifest, args.out_dir)
+    for line in problems:
+        print(f"DIFFERS {line}", file=sys.stderr)
+    if problems:
+        raise PipelineError(f"{args.manifest}: {len(problems)} difference(s) found")
+    print(f"{args.manifest}: every output matches")
+    return 0
+
+
+@_command("stats")
+def _stats(args: argparse.Namespace) -> int:
+    from pipeline.manifest import load_manifest, summary
+
+    print(summary(load_manifest(args.manifest)))
     return 0
 
 
@@ -151,9 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
         ("cluster", "MMseqs2 UniRef90 then UniRef50 clustering -> clusters.parquet"),
         ("split", "assign whole UniRef50 clusters to train/valid/test -> splits.parquet"),
         ("check-leakage", "search valid/test against train; fail above the configured bound"),
+        ("shards", "WebDataset shards, one sample per UniRef50 cluster -> shards/<split>/"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="build config YAML")
+
+    p = sub.add_parser("validation", help="the fixed validation set -> validation/")
+    p.add_argument("--config", help="build config YAML")
+    p.add_argument("--regenerate", metavar="MANIFEST",
+                   help="rebuild the set from a manifest's inputs and config and check sha256s")
+    p.add_argument("--workdir", type=Path, help="where --regenerate builds (default: beside "
+                   "the build's out_dir)")
+    p.add_argument("--keep", action="store_true", help="keep the --regenerate work directory")
+
+    p = sub.add_parser("manifest", help="write data_manifests/<build>.json for a finished build")
+    p.add_argument("--config", required=True, help="build config YAML")
+    p.add_argument("--out", type=Path, help="manifest path (default: <manifest_dir>/<build>.json)")
+
+    p = sub.add_parser("verify", help="re-hash a build against its manifest")
+    p.add_argument("manifest", type=Path)
+    p.add_argument("--out-dir", type=Path, help="build directory (default: the manifest's)")
+
+    p = sub.add_parser("stats", help="readable summary of a manifest")
+    p.add_argument("manifest", type=Path)
 
     p = sub.add_parser("mmseqs-version", help="print the MMseqs2 binary in use and its version")
     p.add_argument("--mmseqs", help="explicit path to the binary")

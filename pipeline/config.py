@@ -101,6 +101,19 @@ class LeakageConfig(_Section):
     sensitivity: float = Field(7.5, gt=0.0)
 
 
+class ShardsConfig(_Section):
+    """WebDataset shards: one sample per UniRef50 cluster."""
+
+    max_shard_bytes: int = Field(256 << 20, ge=1 << 10)  # a shard closes before exceeding this
+    bucket_bytes: int = Field(512 << 20, ge=1 << 10)  # sequence bytes per on-disk partition
+
+
+class ValidationConfig(_Section):
+    """The fixed validation set: UniRef50 representatives drawn from the valid split."""
+
+    size: int = Field(10_000, gt=0)
+
+
 class BuildConfig(_Section):
     """A whole dataset build."""
 
@@ -115,6 +128,9 @@ class BuildConfig(_Section):
     cluster: ClusterConfig = ClusterConfig()
     split: SplitConfig = SplitConfig()
     leakage: LeakageConfig = LeakageConfig()
+    shards: ShardsConfig = ShardsConfig()
+    validation: ValidationConfig = ValidationConfig()
+    manifest_dir: str = "data_manifests"
 
     @model_validator(mode="after")
     def _unique_input_names(self) -> BuildConfig:

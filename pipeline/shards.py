@@ -1,0 +1,279 @@
+"""WebDataset shards, one sample per UniRef50 cluster: the writer, the reader, the schema.
+
+Shard contract (see DESIGN.md), owned here:
+
+* ``<out>/shards/<split>/<split>-%06d.tar`` plus ``<out>/shards/<split>/index.json`` listing each
+  shard's sample, UniRef90-member and residue counts and sha256.
+* One sample per UniRef50 cluster. ``__key__`` is the cluster id (``.`` and ``%`` are
+  percent-encoded, since WebDataset splits keys at dots); the one field, ``cluster.json``, holds
+  ``cluster`` (the UniRef50 id), ``uniprot_entries`` (UniProt records in the cluster),
+  ``uniref90_count``, and the aligned lists ``members`` (UniRef90 ids; the representative's own
+  UniRef90 first, then by id), ``member_entries`` (records per UniRef90 cluster) and
+  ``sequences`` (each UniRef90 representative's sequence).
+* Deterministic bytes: clusters ordered by a seeded hash, shard boundaries by size, tar headers
+  fixed (mtime 0, uid/gid 0, user/group ``esm2``, mode 0444, USTAR).
+
+Grouping never holds the dataset in memory: UniRef90 rows are partitioned on disk by the hash of
+their representative (to join sequences), then by the seeded cluster-order hash (to group and
+order clusters), and each partition is processed on its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import polars as pl
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from pipeline.atomic import atomic_dir, scratch_dir, write_text_atomic
+from pipeline.checksums import sha256_file
+from pipeline.config import ShardsConfig
+from pipeline.errors import PipelineError
+from pipeline.partition import BucketWriter
+from pipeline.progress import progress_bar
+
+SPLITS = ("train", "valid", "test")
+FIELD = "cluster.json"
+INDEX = "index.json"
+SCHEMA_VERSION = 1
+_BATCH = 65_536
+
+
+@dataclass(frozen=True)
+class ClusterSample:
+    """One UniRef50 cluster as stored in a shard."""
+
+    cluster: str
+    uniprot_entries: int
+    members: list[str]
+    member_entries: list[int]
+    sequences: list[str]
+
+    @property
+    def uniref90_count(self) -> int:
+        return len(self.members)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "cluster": self.cluster,
+                "uniprot_entries": self.uniprot_entries,
+                "uniref90_count": self.uniref90_count,
+                "members": self.members,
+                "member_entries": self.member_entries,
+                "sequences": self.sequences,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+
+def encode_key(cluster_id: str) -> str:
+    """WebDataset-safe ``__key__`` for a cluster id."""
+    return quote(cluster_id, safe="").replace(".", "%2E")
+
+
+def decode_key(key: str) -> str:
+    return unquote(key)
+
+
+def decode_sample(sample: dict) -> ClusterSample:
+    """A WebDataset sample dict (raw bytes fields) → :class:`ClusterSample`."""
+    try:
+        raw = sample[FIELD]
+    except KeyError:
+        raise PipelineError(
+            f"{sample.get('__url__', '?')}: sample {sample.get('__key__')!r} has no {FIELD}"
+        ) from None
+    obj = json.loads(raw)
+    return ClusterSample(
+        obj["cluster"], obj["uniprot_entries"], obj["members"], obj["member_entries"],
+        obj["sequences"],
+    )
+
+
+def iter_clusters(shards: Iterable[str | Path]) -> Iterator[ClusterSample]:
+    """Read clusters from shard files in order (single process; see training for loaders)."""
+    urls = [str(s) for s in shards]
+    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+        yield decode_sample(sample)
+
+
+def read_index(split_dir: str | Path) -> dict:
+    """The index of one split's shards (``shards/<split>/index.json``)."""
+    path = Path(split_dir) / INDEX
+    if not path.is_file():
+        raise PipelineError(f"{path}: no shard index (run 'esm2-data shards' first)")
+    return json.loads(path.read_text())
+
+
+def shard_paths(split_dir: str | Path) -> list[Path]:
+    """The shard files of a split, in index order."""
+    index = read_index(split_dir)
+    return [Path(split_dir) / s["file"] for s in index["shards"]]
+
+
+def order_key(seed: int, cluster_id: str) -> str:
+    """The seeded cluster-order hash (hex, 16 chars)."""
+    return hashlib.blake2b(f"{seed}:{cluster_id}".encode(), digest_size=8).hexdigest()
+
+
+class ShardWriter:
+    """Writes samples of one split into size-bounded, byte-reproducible tar shards."""
+
+    def __init__(self, directory: Path, split: str, max_bytes: int) -> None:
+        self.dir, self.split, self.max_bytes = directory, split, max_bytes
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict] = []
+        self._buf: io.BytesIO | None = None
+        self._tar: wds.TarWriter | None = None
+        self._size = 0
+
+    def _open(self) -> None:
+        self._buf = io.BytesIO()
+        self._tar = wds.TarWriter(self._buf, user="esm2", group="esm2", mode=0o444, mtime=0,
+                                  encoder=False)
+        self.shards.append({"samples": 0, "uniref90_members": 0, "uniprot_entries": 0,
+                            "residues": 0})
+        self._size = 0
+
+    def write(self, sample: ClusterSample) -> None:
+        payload = sample.to_json()
+        entry = 512 + math.ceil(len(payload) / 512) * 512
+        if self._tar is not None and self._size + entry > self.max_bytes and self._size:
+            self._close()
+        if self._tar is None:
+            self._open()
+        self._tar.write({"__key__": encode_key(sample.cluster), FIELD: payload})
+        self._size += entry
+        meta = self.shards[-1]
+        meta["samples"] += 1
+        meta["uniref90_members"] += sample.uniref90_count
+        meta["uniprot_entries"] += sample.uniprot_entries
+        meta["residues"] += sum(len(s) for s in sample.sequences)
+
+    def _close(self) -> None:
+        self._tar.close()
+        name = f"{self.split}-{len(self.shards) - 1:06d}.tar"
+        path = self.dir / name
+        path.write_bytes(self._buf.getvalue())
+        self.shards[-1] = {"file": name, **self.shards[-1], "bytes": path.stat().st_size,
+                           "sha256": sha256_file(path)}
+        self._tar = self._buf = None
+
+    def finish(self) -> dict:
+        if self._tar is not None:
+            self._close()
+        totals = {k: sum(s[k] for s in self.shards) for k in
+                  ("samples", "uniref90_members", "uniprot_entries", "residues", "bytes")}
+        index = {"schema_version": SCHEMA_VERSION, "split": self.split, "field": FIELD,
+                 "shards": self.shards, "totals": {**totals, "shards": len(self.shards)}}
+        (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return index
+
+
+def _uniref90_rows(out: Path, tmp: Path, n_buckets: int) -> list[Path | None]:
+    """Partition (rep90, rep50, entries) rows and rep90 sequences by representative hash."""
+    rows = BucketWriter(tmp, "rows", n_buckets)
+    seqs = BucketWriter(tmp, "seqs", n_buckets)
+    by_acc = pl.col("acc").hash(seed=7) % n_buckets
+    carry: pl.DataFrame | None = None
+    for batch in pq.ParquetFile(out / "clusters.parquet").iter_batches(
+        _BATCH, columns=["rep90", "rep50"]
+    ):
+        df = pl.from_arrow(batch)
+        if carry is not None:
+            df = pl.concat([carry, df])
+        # clusters.parquet is sorted by rep50, rep90: hold back the last (maybe partial) group
+        last = df.get_column("rep90")[-1]
+        carry, df = df.filter(pl.col("rep90") == last), df.filter(pl.col("rep90") != last)
+        rows.write(_count(df), by_acc)
+    if carry is not None:
+        rows.write(_count(carry), by_acc)
+    for batch in pq.ParquetFile(out / "sequences.parquet").iter_batches(
+        _BATCH, columns=["accession", "sequence"]
+    ):
+        seqs.write(pl.from_arrow(batch).rename({"accession": "acc"}), by_acc)
+    row_paths, seq_paths = rows.close(), seqs.close()
+    return [r for pair in zip(row_paths, seq_paths, strict=True) for r in pair]
+
+
+def _count(df: pl.DataFrame) -> pl.DataFrame:
+    return df.group_by("rep90", maintain_order=True).agg(
+        pl.col("rep50").first(), pl.len().cast(pl.Int64).alias("entries")
+    ).with_columns(pl.col("rep90").str.replace("^UniRef90_", "").alias("acc"))
+
+
+def _joined_members(
+    parts: list[Path | None], splits: pl.DataFrame, seed: int, tmp: Path, n_buckets: int
+) -> list[Path | None]:
+    """Join each rep90 with its sequence and split; re-partition by cluster order."""
+    ordered = BucketWriter(tmp, "ordered", n_buckets)
+    by_order = pl.col("key").str.slice(0, 6).str.to_integer(base=16) * n_buckets // (1 << 24)
+    for rows_path, seqs_path in zip(parts[::2], parts[1::2], strict=True):
+        if rows_path is None:
+            continue
+        rows = pl.read_parquet(rows_path)
+        seqs = pl.read_parquet(seqs_path) if seqs_path else pl.DataFrame(
+            schema={"acc": pl.String, "sequence": pl.String})
+        joined = rows.join(seqs, on="acc", how="left").join(splits, on="rep50", how="left")
+        if joined.get_column("sequence").null_count() or joined.get_column("split").null_count():
+            raise PipelineError("clusters.parquet, splits.parquet and sequences.parquet disagree "
+                                "(rerun cluster and split)")
+        joined = joined.with_columns(
+            pl.col("rep50").map_elements(lambda c: order_key(seed, c), return_dtype=pl.String)
+            .alias("key")
+        )
+        ordered.write(joined.select("key", "rep50", "rep90", "entries", "sequence", "split"),
+                      by_order)
+    return ordered.close()
+
+
+def _samples(part: pl.DataFrame) -> Iterator[tuple[str, ClusterSample]]:
+    part = part.with_columns(
+        (pl.col("rep90").str.replace("^UniRef90_", "")
+         != pl.col("rep50").str.replace("^UniRef50_", "")).alias("_not_rep")
+    ).sort(["key", "rep50", "_not_rep", "rep90"])
+    grouped = part.group_by(["key", "rep50"], maintain_order=True).agg(
+        pl.col("split").first(), pl.col("rep90"), pl.col("entries"), pl.col("sequence")
+    )
+    for key_, rep50, split, members, entries, seqs in grouped.iter_rows():
+        del key_
+        yield split, ClusterSample(rep50, int(sum(entries)), members, entries, seqs)
+
+
+def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int) -> dict:
+    """Write ``<out>/shards/`` (all splits) from clusters, splits and sequences."""
+    out = Path(out_dir)
+    for name in ("clusters.parquet", "splits.parquet", "sequences.parquet"):
+        if not (out / name).is_file():
+            raise PipelineError(f"{out / name}: missing (run ingest, cluster and split first)")
+    n_buckets = max(1, math.ceil((out / "sequences.parquet").stat().st_size * 3
+                                 / cfg.bucket_bytes))
+    splits = pl.read_parquet(out / "splits.parquet", columns=["rep50", "split"])
+    total = splits.height
+    with scratch_dir(out, "shards") as tmp, atomic_dir(out / "shards") as dest:
+        parts = _uniref90_rows(out, tmp, n_buckets)
+        ordered = _joined_members(parts, splits, seed, tmp, n_buckets)
+        writers = {s: ShardWriter(dest / s, s, cfg.max_shard_bytes) for s in SPLITS}
+        with progress_bar(total=total, desc="shards", unit=" clusters") as bar:
+            for path in ordered:
+                if path is None:
+                    continue
+                for split, sample in _samples(pl.read_parquet(path)):
+                    writers[split].write(sample)
+                    bar.update(1)
+        indexes = {s: w.finish() for s, w in writers.items()}
+    written = sum(i["totals"]["samples"] for i in indexes.values())
+    if written != total:
+        raise PipelineError(f"wrote {written} cluster samples for {total} UniRef50 clusters")
+    summary = {s: i["totals"] for s, i in indexes.items()}
+    write_text_atomic(out / "stats" / "shards.json", json.dumps(summary, indent=2) + "\n")
+    return summary

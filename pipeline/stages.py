@@ -1,0 +1,70 @@
+"""The build's stages by name, each a call into its module with the config's settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pipeline.config import BuildConfig
+
+
+def _download(cfg: BuildConfig) -> dict:
+    from pipeline.download import run_download
+
+    return run_download(cfg)
+
+
+def _ingest(cfg: BuildConfig) -> dict:
+    from pipeline.ingest import ingest
+
+    opts = cfg.ingest
+    return ingest(
+        [cfg.raw_path(item) for item in cfg.inputs], cfg.out_dir, on_error=opts.on_error,
+        chunk_bytes=opts.chunk_bytes, row_group_rows=opts.row_group_rows,
+        bucket_bytes=opts.bucket_bytes,
+    )
+
+
+def _cluster(cfg: BuildConfig) -> dict:
+    from pipeline.cluster import cluster
+
+    return cluster(cfg.out_dir, cfg.cluster, cfg.threads)
+
+
+def _split(cfg: BuildConfig) -> dict:
+    from pipeline.split import split
+
+    return split(cfg.out_dir, cfg.split, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
+
+
+def _leakage(cfg: BuildConfig) -> dict:
+    from pipeline.leakage import check_leakage
+
+    return check_leakage(cfg.out_dir, cfg.leakage, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
+
+
+def _shards(cfg: BuildConfig) -> dict:
+    from pipeline.shards import write_shards
+
+    return write_shards(cfg.out_dir, cfg.shards, cfg.seed)
+
+
+def _validation(cfg: BuildConfig) -> dict:
+    from pipeline.validation import write_validation
+
+    return write_validation(cfg.out_dir, cfg.validation, cfg.seed)
+
+
+STAGES: dict[str, Callable[[BuildConfig], dict]] = {
+    "download": _download,
+    "ingest": _ingest,
+    "cluster": _cluster,
+    "split": _split,
+    "check-leakage": _leakage,
+    "shards": _shards,
+    "validation": _validation,
+}
+
+
+def run_stage(name: str, cfg: BuildConfig) -> dict:
+    """Run one stage of a build."""
+    return STAGES[name](cfg)
