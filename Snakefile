@@ -76,7 +76,7 @@ rule cluster:
         OUT / "logs" / "cluster.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} cluster --config {input.config} 2>&1 | tee {log}"
+        "{ESM2_DATA} cluster --config {input.config} --threads {threads} 2>&1 | tee {log}"
 
 
 rule split:
@@ -90,7 +90,7 @@ rule split:
         OUT / "logs" / "split.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} split --config {input.config} 2>&1 | tee {log}"
+        "{ESM2_DATA} split --config {input.config} --threads {threads} 2>&1 | tee {log}"
 
 
 rule check_leakage:
@@ -103,7 +103,7 @@ rule check_leakage:
         OUT / "logs" / "leakage.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} check-leakage --config {input.config} 2>&1 | tee {log}"
+        "{ESM2_DATA} check-leakage --config {input.config} --threads {threads} 2>&1 | tee {log}"
 
 
 rule shards:

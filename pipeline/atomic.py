@@ -10,9 +10,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def remove_stale(parent: Path, name: str) -> None:
+    """Remove temporaries (``.NAME.*.tmp``) left next to ``NAME`` by a killed earlier run.
+
+    Stages run one at a time per build directory (Snakemake locks it), so a temporary of the
+    same output found at start can only be a leftover.
+    """
+    for stale in parent.glob(f".{name}.*.tmp"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def temp_sibling(path: Path) -> Path:
     """A unique temporary name next to ``path`` (same filesystem, so rename is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, path.name)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(name, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
@@ -37,6 +51,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``path`` (removed first if present)."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp creates 0700; outputs are meant to be shared
     try:
@@ -54,7 +69,9 @@ def scratch_dir(parent: str | os.PathLike[str], prefix: str) -> Iterator[Path]:
     """A temporary working directory under ``parent``, always removed afterwards."""
     base = Path(parent)
     base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{prefix}.", suffix=".tmp", dir=base))
+    name = f"scratch-{prefix}"  # distinct from atomic_dir's temporaries of an output "prefix"
+    remove_stale(base, name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=base))
     try:
         yield tmp
     finally:

@@ -25,7 +25,11 @@ def _command(name: str) -> Callable[[Handler], Handler]:
 
 
 def _config(args: argparse.Namespace) -> BuildConfig:
-    return load_config(args.config)
+    cfg = load_config(args.config)
+    threads = getattr(args, "threads", None)
+    if threads:  # e.g. Snakemake's {threads}; outputs do not depend on it
+        cfg = cfg.model_copy(update={"threads": threads})
+    return cfg
 
 
 def _run(name: str, args: argparse.Namespace) -> dict:
@@ -195,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", required=True, help="build config YAML")
+        p.add_argument("--threads", type=int, help="override the config's threads")
 
     p = sub.add_parser("validation", help="the fixed validation set -> validation/")
     p.add_argument("--config", help="build config YAML")

@@ -1,0 +1,54 @@
+"""Session fixtures: one Snakemake build of the embedded sample, shared by the build tests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import REPO
+
+
+@dataclass(frozen=True)
+class SampleBuild:
+    root: Path  # Snakemake working directory
+    config: Path  # the config file used
+    out: Path  # out_dir
+    manifest: Path
+
+
+def sample_config(root: Path) -> Path:
+    """config/sample.yaml with absolute input paths and outputs under ``root``."""
+    cfg = yaml.safe_load((REPO / "config" / "sample.yaml").read_text())
+    for item in cfg["inputs"]:
+        item["url"] = str(REPO / item["url"])
+    cfg["out_dir"] = str(root / "build")
+    cfg["manifest_dir"] = str(root / "manifests")
+    path = root / "sample.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def snakemake(
+    root: Path, config: Path, *extra: str, **kwargs
+) -> subprocess.Popen | subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--directory", str(root), "--cores", "2", "--configfile", str(config),
+           "--rerun-incomplete", *extra]
+    if kwargs.pop("background", False):
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                start_new_session=True, **kwargs)
+    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def sample_build(tmp_path_factory: pytest.TempPathFactory) -> SampleBuild:
+    root = tmp_path_factory.mktemp("sample-build")
+    config = sample_config(root)
+    result = snakemake(root, config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return SampleBuild(root, config, root / "build", root / "manifests" / "sample.json")

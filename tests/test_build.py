@@ -1,0 +1,193 @@
+"""The whole sample build via Snakemake: shards contract, manifest, verify, regenerate, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tarfile
+import time
+from pathlib import Path
+
+import nbclient
+import nbformat
+import polars as pl
+import pytest
+
+from pipeline.cli import main
+from pipeline.shards import (
+    FIELD,
+    SPLITS,
+    decode_key,
+    encode_key,
+    iter_clusters,
+    read_index,
+    shard_paths,
+)
+from tests.conftest import SampleBuild, sample_config, snakemake
+from tests.helpers import REPO
+
+
+def outputs(manifest: Path) -> dict[str, str]:
+    return {o["path"]: o["sha256"] for o in json.loads(manifest.read_text())["outputs"]}
+
+
+def test_rebuild_matches_committed_sample_manifest(sample_build: SampleBuild) -> None:
+    committed = outputs(REPO / "data_manifests" / "sample.json")
+    rebuilt = outputs(sample_build.manifest)
+    assert rebuilt == committed
+
+
+def test_second_run_does_nothing(sample_build: SampleBuild) -> None:
+    result = snakemake(sample_build.root, sample_build.config, "--dry-run")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_every_cluster_in_exactly_one_shard_sample(sample_build: SampleBuild) -> None:
+    out = sample_build.out
+    clusters = pl.read_parquet(out / "clusters.parquet")
+    splits = pl.read_parquet(out / "splits.parquet")
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        expected = clusters.join(splits.filter(pl.col("split") == split), on="rep50")
+        samples = list(iter_clusters(shard_paths(out / "shards" / split)))
+        keys = [s.cluster for s in samples]
+        assert len(keys) == len(set(keys))  # one sample per cluster
+        for key in keys:
+            assert key not in seen, f"{key} in {seen.get(key)} and {split}"
+            seen[key] = split
+        assert set(keys) == set(expected.get_column("rep50"))
+        # total sequences (UniProt entries) in shards = rows of clusters.parquet for the split
+        assert sum(s.uniprot_entries for s in samples) == expected.height
+        per90 = expected.group_by("rep90").len()
+        assert sum(s.uniref90_count for s in samples) == per90.height
+        entries = dict(per90.iter_rows())
+        for s in samples:
+            assert s.members[0].removeprefix("UniRef90_") == s.cluster.removeprefix("UniRef50_")
+            assert [entries[m] for m in s.members] == s.member_entries
+            assert len(s.sequences) == len(s.members)
+    assert len(seen) == splits.height
+
+
+def test_shard_sequences_are_the_uniref90_representatives(sample_build: SampleBuild) -> None:
+    out = sample_build.out
+    seqs = dict(pl.read_parquet(out / "sequences.parquet", columns=["accession", "sequence"])
+                .iter_rows())
+    for sample in iter_clusters(shard_paths(out / "shards" / "valid")):
+        for member, seq in zip(sample.members, sample.sequences, strict=True):
+            assert seqs[member.removeprefix("UniRef90_")] == seq
+
+
+def test_shard_files_are_reproducible_tars(sample_build: SampleBuild) -> None:
+    out = sample_build.out
+    cfg_max = 262144
+    index = read_index(out / "shards" / "train")
+    assert index["totals"]["shards"] > 1
+    for entry in index["shards"]:
+        path = out / "shards" / "train" / entry["file"]
+        assert entry["bytes"] <= cfg_max + 10240  # + the tar end-of-archive record
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+        assert len(members) == entry["samples"]
+        for m in members:
+            assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (
+                0, 0, 0, "esm2", "esm2", 0o444)
+            assert m.name.endswith("." + FIELD)
+
+
+def test_keys_with_dots_round_trip() -> None:
+    for cid in ("UniRef50_P69905", "UniRef50_XP_001.1", "UniRef50_a%b/c"):
+        key = encode_key(cid)
+        assert "." not in key and "/" not in key
+        assert decode_key(key) == cid
+
+
+def test_verify_passes_then_names_a_changed_shard(
+    sample_build: SampleBuild, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", str(sample_build.manifest)]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(sample_build.out, copy)
+    shard = copy / "shards" / "train" / "train-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0x01
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(sample_build.manifest), "--out-dir", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "DIFFERS shards/train/train-000001.tar: sha256 differs" in err
+    assert err.count("DIFFERS") == 1
+    (copy / "validation" / "validation.fasta").unlink()
+    assert main(["verify", str(sample_build.manifest), "--out-dir", str(copy)]) == 1
+    assert "validation/validation.fasta: missing" in capsys.readouterr().err
+
+
+def test_manifest_content(sample_build: SampleBuild, capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = json.loads(sample_build.manifest.read_text())
+    assert manifest["schema_version"] == 1
+    assert manifest["inputs"][0]["sha256"] == (
+        "444c769fe60f48f7783f0352145873db3e4a7fe893aab8c33ed55b36cf1cb59f")
+    for tool in ("python", "esm2-pretrain", "git", "mmseqs", "polars", "webdataset", "pyarrow"):
+        assert manifest["tools"][tool], tool
+    assert manifest["counts"]["ingest"]["records_read"] == 4192
+    paths = {o["path"]: o for o in manifest["outputs"]}
+    assert paths["clusters.parquet"]["records"] == 4192
+    assert paths["validation/validation.fasta"]["records"] == 100
+    assert main(["stats", str(sample_build.manifest)]) == 0
+    text = capsys.readouterr().out
+    assert "4,192 records read" in text and "validation: 100 sequences" in text
+
+
+def test_validation_regenerates_byte_for_byte(
+    sample_build: SampleBuild, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    work = tmp_path / "regen"
+    assert main(["validation", "--regenerate", str(sample_build.manifest), "--workdir",
+                 str(work), "--keep"]) == 0
+    assert "every sha256 matches" in capsys.readouterr().out
+    for name in ("validation.fasta", "validation.parquet", "validation-000000.tar"):
+        assert (work / "validation" / name).read_bytes() == (
+            sample_build.out / "validation" / name).read_bytes()
+    # a manifest whose recorded validation hash is wrong is reported
+    manifest = json.loads(sample_build.manifest.read_text())
+    for o in manifest["outputs"]:
+        if o["path"] == "validation/validation.fasta":
+            o["sha256"] = "0" * 64
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(manifest))
+    assert main(["validation", "--regenerate", str(bad), "--workdir", str(tmp_path / "r2")]) == 1
+    assert "validation/validation.fasta: sha256 differs" in capsys.readouterr().err
+
+
+def test_kill_mid_build_then_rerun_gives_same_bytes(
+    sample_build: SampleBuild, tmp_path: Path
+) -> None:
+    config = sample_config(tmp_path)
+    proc = snakemake(tmp_path, config, background=True)
+    marker = tmp_path / "build" / "logs" / "cluster.mmseqs.log"
+    deadline = time.monotonic() + 300
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "build finished before it could be interrupted"
+    time.sleep(1.0)  # MMseqs2 is running now
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "build" / "clusters.parquet").exists()
+    result = snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert outputs(tmp_path / "manifests" / "sample.json") == outputs(sample_build.manifest)
+    leftovers = [p for p in (tmp_path / "build").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_dataset_report_notebook_runs(sample_build: SampleBuild, monkeypatch) -> None:
+    monkeypatch.setenv("ESM2_MANIFEST", str(sample_build.manifest))
+    monkeypatch.setenv("ESM2_BUILD_DIR", str(sample_build.out))
+    nb = nbformat.read(REPO / "notebooks" / "dataset_report.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 4
