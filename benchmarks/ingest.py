@@ -42,8 +42,11 @@ writer.close()
 
 INGEST = r"""
 import sys
+from pipeline.config import IngestConfig
 from pipeline.ingest import ingest
-ingest([sys.argv[1]], sys.argv[2])
+opts = IngestConfig()  # the defaults a build uses
+ingest([sys.argv[1]], sys.argv[2], chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes,
+       row_group_rows=opts.row_group_rows)
 """
 
 

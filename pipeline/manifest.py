@@ -70,7 +70,8 @@ def _records(path: Path) -> int | None:
 
 def list_outputs(out: Path) -> list[dict]:
     """Every output file of a build with its size, sha256 and record count."""
-    files = sorted({p for pattern in OUTPUT_PATTERNS for p in out.glob(pattern) if p.is_file()})
+    files = sorted({p for pattern in OUTPUT_PATTERNS for p in out.glob(pattern)
+                    if p.is_file() and not p.name.startswith(".")})  # no .snakemake_timestamp
     return [
         {"path": p.relative_to(out).as_posix(), "bytes": p.stat().st_size,
          "sha256": sha256_file(p), "records": _records(p)}

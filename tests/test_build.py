@@ -175,6 +175,8 @@ def test_kill_mid_build_then_rerun_gives_same_bytes(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "build" / "clusters.parquet").exists()
+    # a killed Snakemake leaves its lock: the documented recovery is --unlock, then rerun
+    assert snakemake(tmp_path, config, "--unlock").returncode == 0
     result = snakemake(tmp_path, config)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert outputs(tmp_path / "manifests" / "sample.json") == outputs(sample_build.manifest)

@@ -1,0 +1,78 @@
+"""Whole-build scale run: wall time and peak RSS of every stage on generated family data.
+
+Usage: python benchmarks/build_scale.py [--sizes 100000 1000000] [--work benchmarks/_work]
+
+Each stage runs as `esm2-data <stage> --config ...` in its own process; peak RSS is the
+kernel's maxrss of that process and its children (MMseqs2 included). Target: peak RSS under
+4 GB at 1M sequences and growing sublinearly with size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("download", "ingest", "cluster", "split", "check-leakage", "shards", "validation",
+          "manifest")
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env={**os.environ, "ESM2_PROGRESS": "0"},
+                            stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+    table = {}
+    for n in args.sizes:
+        fasta = args.work / f"families-{n}.fasta.gz"
+        if not fasta.exists():
+            subprocess.run([sys.executable, "-m", "pipeline.cli", "generate", "--n", str(n),
+                            "--out", str(fasta)], check=True)
+        out = args.work / f"scale-{n}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg = {
+            "build": f"scale-{n}", "out_dir": str(out), "threads": args.threads,
+            "inputs": [{"url": str(fasta)}], "manifest_dir": str(out / "manifest"),
+            "split": {"valid_fraction": 0.01, "test_fraction": 0.01},
+            "leakage": {"max_queries": 2000, "max_fraction": 0.05},
+            "validation": {"size": 1000},
+        }
+        cfg_path = args.work / f"scale-{n}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        rows = {}
+        for stage in STAGES:
+            rows[stage] = run([sys.executable, "-m", "pipeline.cli", stage, "--config",
+                               str(cfg_path)])
+            print(f"n={n} {stage:<14} {rows[stage][0]:8.1f} s {rows[stage][1]:8.0f} MiB",
+                  flush=True)
+        table[n] = rows
+    sizes = list(table)
+    print(f"\n{'stage':<14}" + "".join(f"{f'{n:,} s':>14}{'MiB':>8}" for n in sizes))
+    for stage in STAGES:
+        print(f"{stage:<14}" + "".join(
+            f"{table[n][stage][0]:>14.1f}{table[n][stage][1]:>8.0f}" for n in sizes))
+    print(f"{'total':<14}" + "".join(
+        f"{sum(v[0] for v in table[n].values()):>14.1f}"
+        f"{max(v[1] for v in table[n].values()):>8.0f}" for n in sizes))
+
+
+if __name__ == "__main__":
+    main()
