@@ -14,24 +14,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
+from _measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("download", "ingest", "cluster", "split", "check-leakage", "shards", "validation",
           "manifest")
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "ESM2_PROGRESS": "0"},
-                            stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -59,7 +49,7 @@ def main() -> None:
         cfg_path.write_text(yaml.safe_dump(cfg))
         rows = {}
         for stage in STAGES:
-            rows[stage] = run([sys.executable, "-m", "pipeline.cli", stage, "--config",
+            rows[stage] = run_measured([sys.executable, "-m", "pipeline.cli", stage, "--config",
                                str(cfg_path)])
             print(f"n={n} {stage:<14} {rows[stage][0]:8.1f} s {rows[stage][1]:8.0f} MiB",
                   flush=True)

@@ -15,10 +15,10 @@ import argparse
 import itertools
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,15 +42,6 @@ from pipeline.cluster import cluster
 from pipeline.config import ClusterConfig
 cluster(sys.argv[1], ClusterConfig(), int(sys.argv[2]))
 """
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, "ESM2_PROGRESS": "0"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -80,9 +71,10 @@ def main() -> None:
         work = base / "raw"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir()
-        raw = run(["bash", "-c", RAW, "raw", mm, str(raw_fasta), str(work), str(args.threads)])
+        raw = run_measured(
+            ["bash", "-c", RAW, "raw", mm, str(raw_fasta), str(work), str(args.threads)])
         shutil.rmtree(work, ignore_errors=True)
-        stage = run([sys.executable, "-c", STAGE, str(base), str(args.threads)])
+        stage = run_measured([sys.executable, "-c", STAGE, str(base), str(args.threads)])
         rows.append((n, raw, stage))
         print(f"n={n}: raw mmseqs {raw[0]:.1f} s ({raw[1]:.0f} MiB), "
               f"stage {stage[0]:.1f} s ({stage[1]:.0f} MiB)", flush=True)

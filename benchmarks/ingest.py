@@ -17,8 +17,9 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _measure import run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,17 +49,6 @@ opts = IngestConfig()  # the defaults a build uses
 ingest([sys.argv[1]], sys.argv[2], chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes,
        row_group_rows=opts.row_group_rows)
 """
-
-
-def run(cmd: list[str], stdout: int | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of a child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, env={**os.environ, "ESM2_PROGRESS": "0"})
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
 
 
 def plain_prefix(src: Path, dest: Path, nbytes: int) -> Path:
@@ -103,10 +93,11 @@ def main() -> None:
           f"{args.n_sequences} sequences; {os.cpu_count()} CPUs")
 
     results = {}
-    results["gzip -dc (floor)"] = run(["gzip", "-dc", str(fasta)], stdout=subprocess.DEVNULL)
-    results["biopython+pyarrow"] = run(
+    results["gzip -dc (floor)"] = run_measured(
+        ["gzip", "-dc", str(fasta)], stdout=subprocess.DEVNULL)
+    results["biopython+pyarrow"] = run_measured(
         [sys.executable, "-c", BIOPYTHON, str(fasta), str(args.work / "bio.parquet")])
-    results["esm2-data ingest"] = run(
+    results["esm2-data ingest"] = run_measured(
         [sys.executable, "-c", INGEST, str(fasta), str(args.work / "ingest-out")])
     print(f"\n{'variant':<22}{'wall s':>9}{'MB/s (gz)':>11}{'MB/s (FASTA)':>14}"
           f"{'seq/s':>12}{'peak RSS MiB':>14}")
@@ -122,7 +113,8 @@ def main() -> None:
         print("\npeak RSS of ingest vs input size (plain FASTA prefixes):")
         for label, size in (("100 MB", 100_000_000), ("1 GB", 1_000_000_000)):
             part = plain_prefix(fasta, args.work / f"prefix-{label.replace(' ', '')}.fasta", size)
-            wall, rss = run([sys.executable, "-c", INGEST, str(part), str(args.work / "rss-out")])
+            wall, rss = run_measured(
+                [sys.executable, "-c", INGEST, str(part), str(args.work / "rss-out")])
             print(f"  {label:>6} ({part.stat().st_size / 1e6:.0f} MB): {wall:6.1f} s, "
                   f"peak RSS {rss:.0f} MiB")
 

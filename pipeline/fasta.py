@@ -1,7 +1,10 @@
 """Streaming FASTA reading (plain or gzip) in large chunks, and header parsing.
 
-The reader splits decompressed blocks into records with a handful of C-level bytes operations
-per record; header fields are then parsed for a whole chunk at once with polars expressions.
+The reader splits decompressed blocks into records with numpy operations over the whole chunk (no
+per-record Python work): record boundaries, header spans, line numbers, and the sequences joined
+into one residue buffer with offsets. Header fields are parsed for a whole chunk at once:
+``parse_headers`` (polars regexes) defines the grammar, and ``parse_header_bytes`` computes the
+same fields from the header bytes, falling back to ``parse_headers`` for unusual headers.
 Decompression runs in a background thread (igzip releases the GIL), so it overlaps parsing.
 """
 
@@ -13,11 +16,12 @@ import threading
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import accumulate
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import polars as pl
+import pyarrow as pa
 from isal import igzip, isal_zlib
 
 from pipeline.errors import InputFormatError
@@ -29,11 +33,28 @@ _READ_BLOCK = 4 << 20
 
 @dataclass(frozen=True)
 class RawRecords:
-    """One chunk of records: headers (without '>'), sequences (lines joined), header lines."""
+    """One chunk of records, as arrays over the chunk's bytes (no per-record Python objects).
 
-    headers: list[bytes]
-    sequences: list[bytes]
-    lines: list[int]
+    Record ``i`` has its header (without '>', right-stripped of ``\\r\\n \\t``) at
+    ``data[header_start[i]:header_end[i]]`` and starts on line ``lines[i]``; its sequence (lines
+    joined, ``\\r\\n \\t`` removed, case kept) is ``residues[offsets[i]:offsets[i + 1]]``.
+    ``odd_bytes`` is true when the chunk holds control bytes other than ``\\t\\n\\r``.
+    """
+
+    data: np.ndarray
+    header_start: np.ndarray
+    header_end: np.ndarray
+    lines: np.ndarray
+    residues: np.ndarray
+    offsets: np.ndarray
+    odd_bytes: bool
+    next_line: int  # the line after the chunk's last, counting the '\n' that ended it
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def header(self, i: int) -> bytes:
+        return self.data[self.header_start[i] : self.header_end[i]].tobytes()
 
 
 def open_binary(path: Path) -> BinaryIO:
@@ -95,17 +116,56 @@ def _prefetch(it: Iterator[bytes], depth: int = 3) -> Iterator[bytes]:
                 q.get(timeout=0.05)
 
 
+_WHITESPACE = np.zeros(256, bool)  # the bytes dropped from sequence lines
+_WHITESPACE[list(_STRIP)] = True
+_MAX_STRIP_STEPS = 8
+
+
 def _split(body: bytes, first_line: int) -> RawRecords:
-    records = body.split(b"\n>")
-    records[0] = records[0][1:]
-    headers, sequences, newlines = [], [], []
-    for rec in records:
-        header, _, seq = rec.partition(b"\n")
-        headers.append(header.rstrip(_STRIP))
-        sequences.append(seq.translate(None, _STRIP))
-        newlines.append(rec.count(b"\n") + 1)
-    lines = [first_line, *accumulate(newlines, initial=first_line)][1:-1]
-    return RawRecords(headers, sequences, lines)
+    """Split ``body`` (starting with '>') into records, as ``body.split(b"\\n>")`` would."""
+    b = np.frombuffer(body, np.uint8)
+    n = len(b)
+    low = np.flatnonzero(b <= 32)  # whitespace and control bytes: few, and sorted
+    low_bytes = b[low]
+    is_ws = _WHITESPACE[low_bytes]
+    odd = not is_ws.all()
+    drop = low[is_ws] if odd else low
+    nl = low[low_bytes == 10]
+    after = nl + 1
+    after = after[after < n]
+    starts = np.concatenate(([0], after[b[after] == 62])).astype(np.int64)
+    ends = np.append(starts[1:], n)  # record i spans [starts[i], ends[i]); '\n' at ends-1
+    stop = np.append(starts[1:] - 1, n)  # end of the record's text (before the '\n>')
+    hs = starts + 1
+    h = np.minimum(np.append(nl, n)[np.searchsorted(nl, hs)], stop)  # header line end
+    q = np.minimum(h + 1, ends)  # sequence region [q, ends)
+    he = _rstrip(body, b, hs, h)
+    lines = first_line + np.searchsorted(nl, starts).astype(np.int64)
+    dropped = np.searchsorted(drop, ends) - np.searchsorted(drop, q)
+    lengths = (ends - q) - dropped
+    offsets = np.zeros(len(starts) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    segments = np.column_stack([q - starts, ends - q]).ravel()
+    in_seq = np.repeat(np.tile(np.array([False, True]), len(starts)), segments)
+    keep = in_seq & (~_WHITESPACE[b] if odd else b > 32)
+    residues = b[keep]
+    assert len(residues) == offsets[-1]
+    return RawRecords(b, hs, he, lines, residues, offsets, odd, first_line + len(nl) + 1)
+
+
+def _rstrip(body: bytes, b: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Ends of ``body[start:end].rstrip(b"\\r\\n \\t")`` for each span."""
+    end = end.copy()
+    active = np.flatnonzero(end > start)
+    for _ in range(_MAX_STRIP_STEPS):
+        if not len(active):
+            return end
+        active = active[_WHITESPACE[b[end[active] - 1]]]
+        end[active] -= 1
+        active = active[end[active] > start[active]]
+    for i in active.tolist():  # long whitespace runs: rare
+        end[i] = start[i] + len(body[start[i] : end[i]].rstrip(_STRIP))
+    return end
 
 
 def iter_raw_records(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[RawRecords]:
@@ -139,7 +199,7 @@ def iter_raw_records(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[
             continue
         body, carry = buf[:cut], buf[cut + 1 :]
         chunk = _split(body, line)
-        line += body.count(b"\n") + 1
+        line = chunk.next_line
         yield chunk
     if carry.strip():
         yield _split(carry.rstrip(b"\r\n") if carry.endswith(b"\n") else carry, line)
@@ -193,4 +253,185 @@ def parse_headers(headers: pl.Series) -> pl.DataFrame:
         )
         .cast(pl.Int64, strict=False)
         .alias("taxid"),
+    )
+
+
+# The same grammar, vectorized over the bytes of a chunk's headers. It covers headers of printable
+# ASCII (space the only whitespace, so the regexes' \s and \d are ' ' and [0-9]); any other header
+# is handed to ``parse_headers``, which stays the definition.
+_KB_PREFIXES = (b"sp|", b"tr|")
+_UNIREF_PREFIXES = (b"UniRef50_", b"UniRef90_", b"UniRef100_")
+_PREFIX_WIDTH = 10
+_MAX_DIGITS = 18  # longer taxids may overflow Int64: left to parse_headers
+_MAX_WALK = _MAX_DIGITS + 1  # longer runs of digits or spaces: left to parse_headers
+_IS_SPACE = np.zeros(256, bool)
+_IS_SPACE[32] = True
+_IS_DIGIT = np.zeros(256, bool)
+_IS_DIGIT[48:58] = True
+
+
+def gather_strings(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Array:
+    """A LargeString array of ``buf[start[i]:end[i]]`` (``buf`` must hold valid UTF-8 there)."""
+    lengths = end - start
+    offsets = np.zeros(len(start) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if len(start) and lengths.sum() == end[-1] - start[0] and (start[1:] == end[:-1]).all():
+        data = buf[start[0] : end[-1]]  # contiguous spans: no gather
+    else:
+        data = buf[np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])]
+    return pa.LargeStringArray.from_buffers(len(start), pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _walk(
+    pad: np.ndarray, pos: np.ndarray, stop: np.ndarray, ok: np.ndarray, back: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Move each ``pos`` forward (or back) over bytes ``b`` with ``ok[b]``, never past ``stop``.
+
+    Returns the new positions and a mask of those still moving after ``_MAX_WALK`` steps (left
+    to the slow path)."""
+    pos = pos.copy()
+    active = np.arange(len(pos))
+    for _ in range(_MAX_WALK):
+        if back:
+            active = active[(pos[active] > stop[active]) & ok[pad[pos[active] - 1]]]
+            pos[active] -= 1
+        else:
+            active = active[(pos[active] < stop[active]) & ok[pad[pos[active]]]]
+            pos[active] += 1
+        if not len(active):
+            break
+    unfinished = np.zeros(len(pos), bool)
+    unfinished[active] = True
+    return pos, unfinished
+
+
+def _first_per_row(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
+    """For each of ``n`` rows, the first value whose row (sorted) is it, or -1."""
+    out = np.full(n, -1, np.int64)
+    if len(rows):
+        first = np.r_[True, rows[1:] != rows[:-1]]
+        out[rows[first]] = values[first]
+    return out
+
+
+def parse_header_bytes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> pl.DataFrame:
+    """``parse_headers`` of the headers ``data[start[i]:end[i]]`` (each decoded as UTF-8 with
+    replacement), vectorized for the usual printable-ASCII headers."""
+    n = len(start)
+    lengths = end - start
+    gaps = start - np.r_[0, end[:-1]]
+    mask = np.repeat(np.tile(np.array([False, True]), n), np.column_stack([gaps, lengths]).ravel())
+    hb = data[: len(mask)][mask]  # the headers' bytes, back to back
+    a = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=a[1:])
+    z = a[1:]
+    a = a[:-1]
+    pad = np.concatenate([hb, np.zeros(_PREFIX_WIDTH + 8, np.uint8)])
+
+    def row_of(pos: np.ndarray) -> np.ndarray:
+        return np.searchsorted(a, pos, side="right") - 1
+
+    slow = np.zeros(n, bool)
+    slow[row_of(np.flatnonzero((hb < 32) | (hb > 127)))] = True
+
+    sp = np.flatnonzero(hb == 32)
+    k = np.searchsorted(sp, a)
+    p1 = np.minimum(np.append(sp, len(hb))[k], z)  # end of the first word
+    r0, unfinished = _walk(pad, p1, z, _IS_SPACE)  # start of the rest
+    slow |= unfinished
+
+    prefix = pad[a[:, None] + np.arange(_PREFIX_WIDTH)]
+    width = p1 - a
+    pipes = np.flatnonzero(hb == 124)
+    p2 = np.append(pipes, len(hb))[np.searchsorted(pipes, a + 4)]
+    is_kb = np.zeros(n, bool)
+    for pre in _KB_PREFIXES:
+        is_kb |= (prefix[:, : len(pre)] == np.frombuffer(pre, np.uint8)).all(1)
+    is_kb &= (width > 3) & (prefix[:, 3] != 124) & (p2 < p1)
+    uniref_len = np.zeros(n, np.int64)
+    for pre in _UNIREF_PREFIXES:
+        hit = (prefix[:, : len(pre)] == np.frombuffer(pre, np.uint8)).all(1) & (width > len(pre))
+        uniref_len[hit] = len(pre)
+    is_uniref = (uniref_len > 0) & ~is_kb
+
+    acc_start = np.where(is_kb, a + 3, a + uniref_len * is_uniref)
+    acc_end = np.where(is_kb, p2, p1)
+    db_end = np.where(is_kb, a + 2, np.where(is_uniref, a + uniref_len - 1, a))
+
+    equals = np.flatnonzero(hb == 61)
+
+    def token(tok: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """Spaces followed by ``tok`` (which ends in '=') in the same header, and their rows;
+        a word after a space is where the regexes' (^|\\s) tokens can start."""
+        space = equals - len(tok)
+        space = space[space >= 0]
+        hit = pad[space] == 32
+        for i, c in enumerate(tok[:-1]):
+            hit &= pad[space + 1 + i] == c
+        space = space[hit]
+        rows = row_of(space)
+        inside = space + len(tok) < z[rows]
+        return space[inside], rows[inside]
+
+    def digit_run(pos: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """End of the run of digits starting at each ``pos`` (== pos where there is none)."""
+        end, unfinished = _walk(pad, pos, z[rows], _IS_DIGIT)
+        slow[rows[unfinished]] = True
+        return end
+
+    def cut_before(space: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Per row, the start of the run of spaces before its first token (or -1)."""
+        first = np.r_[True, rows[1:] != rows[:-1]] if len(rows) else rows.astype(bool)
+        space, rows = space[first], rows[first]
+        cut, unfinished = _walk(pad, space, a[rows], _IS_SPACE, back=True)
+        slow[rows[unfinished]] = True
+        return _first_per_row(rows, cut, n)
+
+    os_cut = cut_before(*token(b"OS="))
+    space, rows = token(b"n=")
+    pos = space + 3
+    e = digit_run(pos, rows)
+    valid = (e > pos) & ((e == z[rows]) | (pad[e] == 32))
+    n_cut = cut_before(space[valid], rows[valid])
+    desc_cut = np.where(is_kb, os_cut, np.where(is_uniref, n_cut, -1))
+    desc_end = np.where(desc_cut >= 0, np.maximum(desc_cut, r0), z)
+
+    taxid = np.zeros(n, np.int64)
+    found = np.zeros(n, bool)
+    for tok in (b"OX=", b"TaxID="):
+        space, rows = token(tok)
+        pos = space + 1 + len(tok)
+        e = digit_run(pos, rows)
+        ok = e > pos
+        first_pos = _first_per_row(rows[ok], pos[ok], n)
+        first_end = _first_per_row(rows[ok], e[ok], n)
+        use = (first_pos >= 0) & ~found
+        slow |= use & (first_end - first_pos > _MAX_DIGITS)
+        use &= ~slow
+        ps, pe = first_pos[use], first_end[use]
+        val = np.zeros(len(ps), np.int64)
+        for i in range(_MAX_DIGITS):
+            more = ps + i < pe
+            val = np.where(more, val * 10 + (pad[ps + i].astype(np.int64) - 48), val)
+        taxid[use] = val
+        found |= use | (first_pos >= 0)
+
+    frame = pl.DataFrame([
+        pl.Series("accession", gather_strings(hb, acc_start, acc_end)),
+        pl.Series("db", gather_strings(hb, a, db_end)),
+        pl.Series("description", gather_strings(hb, np.minimum(r0, desc_end), desc_end)),
+        pl.Series("taxid", pa.Array.from_buffers(pa.int64(), n, [
+            pa.py_buffer(np.packbits(found, bitorder="little")), pa.py_buffer(taxid)])),
+    ])
+    if not slow.any():
+        return frame
+    rows = np.flatnonzero(slow)
+    texts = [data[start[i] : end[i]].tobytes().decode("utf-8", "replace") for i in rows.tolist()]
+    slow_frame = parse_headers(pl.Series("header", texts, dtype=pl.String))
+    order = np.concatenate([np.flatnonzero(~slow), rows])
+    return (
+        pl.concat([frame.filter(pl.Series(~slow)), slow_frame])
+        .with_columns(pl.Series("_row", order))
+        .sort("_row")
+        .drop("_row")
     )

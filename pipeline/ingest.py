@@ -12,11 +12,11 @@ collapse works one partition at a time: peak memory is set by ``chunk_bytes`` an
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,9 +26,20 @@ import pyarrow as pa
 
 from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
 from pipeline.errors import InputFormatError
-from pipeline.fasta import GZIP_MAGIC, RawRecords, iter_raw_records, parse_headers
+from pipeline.fasta import (
+    GZIP_MAGIC,
+    RawRecords,
+    gather_strings,
+    iter_raw_records,
+    parse_header_bytes,
+)
 from pipeline.partition import BucketWriter, ParquetSink
 from pipeline.progress import progress_bar
+
+try:  # CPython's own md5: the same digests as hashlib's, at a third of the per-call cost
+    from _md5 import md5 as _md5
+except ImportError:  # pragma: no cover
+    from hashlib import md5 as _md5
 
 RESIDUES = b"LAGVSERTIDPKQNFYMHWCXBUZO"  # 20 canonical + X B U Z O, as in the ESM alphabet
 LENGTH_EDGES = [0, 50, 100, 200, 300, 400, 500, 750, 1022, 1500, 2000, 5000, 10000, 35000]
@@ -36,6 +47,7 @@ SEQUENCE_COLUMNS = [
     "accession", "db", "description", "taxid", "length", "sequence", "seq_hash", "n_records",
 ]
 RECORD_COLUMNS = ["accession", "db", "taxid", "seq_hash", "rep_accession"]
+ACC_COLUMNS = ["accession", "source", "line"]
 _COUNT_BLOCK = 1 << 20
 _GZIP_EXPANSION = 3.0  # uncompressed/compressed size of protein FASTA, for partition planning
 
@@ -90,52 +102,95 @@ class _Rejector:
         self.stats.reject(reason, message)
 
 
-def _clean(raw: RawRecords, rejector: _Rejector) -> tuple[list[bytes], list[bytes], list[int]]:
+_VALID = np.zeros(256, bool)
+_VALID[list(RESIDUES)] = True
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+@dataclass
+class _Clean:
+    """The accepted records of a chunk: index into the chunk, upper-cased sequences."""
+
+    index: np.ndarray
+    residues: np.ndarray
+    offsets: np.ndarray
+
+
+def _clean(raw: RawRecords, rejector: _Rejector) -> _Clean:
     """Upper-case, drop a terminal '*', validate residues; returns the accepted records."""
-    headers, seqs, lines = [], [], []
-    for header, seq, line in zip(raw.headers, raw.sequences, raw.lines, strict=True):
-        up = seq.upper()
-        if up.endswith(b"*"):
-            up = up[:-1]
-        if not header.strip():
+    res, off = raw.residues, raw.offsets
+    n = len(raw)
+    lengths = np.diff(off)
+    last = off[1:] - 1
+    star = (lengths > 0) & (res[np.maximum(last, 0)] == 42) if len(res) else lengths > 0
+    if star.any():
+        keep = np.ones(len(res), bool)
+        keep[last[star]] = False
+        res = res[keep]
+        lengths = lengths - star
+        off = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=off[1:])
+    if len(res) and res.max() >= ord("a"):
+        res = np.frombuffer(res.tobytes().upper(), np.uint8)
+    # reasons, in the order they are checked: 1 empty header, 2 empty sequence, 3 bad residue
+    reason = np.zeros(n, np.int8)
+    first_bad = np.full(n, -1, np.int64)
+    if len(res) and (res.min() < ord("A") or res.max() > ord("Z") or (res == ord("J")).any()):
+        bad = np.flatnonzero(~_VALID[res])
+        rec = np.searchsorted(off, bad, side="right") - 1
+        first = np.r_[True, rec[1:] != rec[:-1]]
+        first_bad[rec[first]] = bad[first]
+        reason[rec] = 3
+    reason[lengths == 0] = 2
+    empty_header = raw.header_end == raw.header_start
+    if raw.odd_bytes:  # a header of only b"\x0b\x0c"-style whitespace is empty too
+        empty_header |= np.array([not raw.header(i).strip() for i in range(n)], bool)
+    reason[empty_header] = 1
+    rejected = np.flatnonzero(reason)
+    for i in rejected.tolist():
+        header, line = raw.header(i), int(raw.lines[i])
+        if reason[i] == 1:
             rejector("empty_header", header, line, "empty header line")
-            continue
-        if not up:
+        elif reason[i] == 2:
             rejector("empty_sequence", header, line, "empty sequence")
-            continue
-        bad = up.translate(None, RESIDUES)
-        if bad:
-            char = bad[:1]
-            pos = up.index(char) + 1
-            shown = char.decode("latin-1")
+        else:
+            shown = chr(res[first_bad[i]])  # latin-1
+            pos = int(first_bad[i] - off[i]) + 1
             rejector("invalid_residue", header, line,
                      f"invalid residue {shown!r} at position {pos}")
-            continue
-        headers.append(header)
-        seqs.append(up)
-        lines.append(line)
-    return headers, seqs, lines
+    return _Clean(np.flatnonzero(reason == 0), res, off)
 
 
-def _chunk_frame(
-    headers: list[bytes], seqs: list[bytes], lines: list[int], source: int, rejector: _Rejector
-) -> pl.DataFrame:
-    parsed = parse_headers(pl.Series("header", [h.decode("utf-8", "replace") for h in headers]))
+def _md5_hex(residues: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Array:
+    """md5 hex digests of each ``residues[start[i]:end[i]]``, as a LargeString array."""
+    view = memoryview(residues)
+    spans = zip(start.tolist(), end.tolist(), strict=True)
+    digests = b"".join([_md5(view[a:b]).digest() for a, b in spans])
+    nibbles = np.frombuffer(digests, np.uint8)
+    hexed = np.column_stack([_HEX[nibbles >> 4], _HEX[nibbles & 15]]).ravel()
+    offsets = np.arange(0, 32 * len(start) + 1, 32, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(
+        len(start), pa.py_buffer(offsets), pa.py_buffer(hexed)
+    )
+
+
+def _chunk_frame(raw: RawRecords, clean: _Clean, source: int, rejector: _Rejector) -> pl.DataFrame:
+    idx = clean.index
+    parsed = parse_header_bytes(raw.data, raw.header_start[idx], raw.header_end[idx])
     empty = parsed.get_column("accession").str.len_bytes() == 0
     if empty.any():
-        for i in np.flatnonzero(empty.to_numpy()):
-            rejector("empty_header", headers[i], lines[i], "header has no identifier")
+        for i in idx[np.flatnonzero(empty.to_numpy())].tolist():
+            rejector("empty_header", raw.header(i), int(raw.lines[i]), "header has no identifier")
         keep = ~empty
         parsed = parsed.filter(keep)
-        mask = keep.to_list()
-        seqs = [s for s, k in zip(seqs, mask, strict=True) if k]
-        lines = [x for x, k in zip(lines, mask, strict=True) if k]
+        idx = idx[keep.to_numpy()]
+    start, end = clean.offsets[idx], clean.offsets[idx + 1]
     return parsed.with_columns(
-        pl.Series("length", [len(s) for s in seqs], dtype=pl.Int64),
-        pl.Series("sequence", [s.decode("ascii") for s in seqs], dtype=pl.String),
-        pl.Series("seq_hash", [hashlib.md5(s).hexdigest() for s in seqs], dtype=pl.String),
+        pl.Series("length", end - start, dtype=pl.Int64),
+        pl.Series("sequence", gather_strings(clean.residues, start, end)),
+        pl.Series("seq_hash", _md5_hex(clean.residues, start, end)),
         pl.lit(source, dtype=pl.Int32).alias("source"),
-        pl.Series("line", lines, dtype=pl.Int64),
+        pl.Series("line", raw.lines[idx], dtype=pl.Int64),
     )
 
 
@@ -150,15 +205,23 @@ def plan_buckets(paths: Sequence[Path], bucket_bytes: int) -> int:
     return max(1, math.ceil(total / bucket_bytes))
 
 
+def _load(part: Path | pl.DataFrame, columns: list[str] | None = None) -> pl.DataFrame:
+    """A partition: a Parquet file on disk, or (when there is only one) the frame itself."""
+    if isinstance(part, pl.DataFrame):
+        return part.select(columns) if columns else part
+    return pl.read_parquet(part, columns=columns)
+
+
 def _duplicate_accessions(
-    buckets: list[Path | None], sources: list[Path], on_error: str, stats: IngestStats
+    buckets: list[Path | pl.DataFrame | None], sources: list[Path], on_error: str,
+    stats: IngestStats,
 ) -> pl.DataFrame:
     """Check accession uniqueness bucket by bucket; returns (source, line) of records to drop."""
     drops = []
     for path in buckets:
         if path is None:
             continue
-        df = pl.read_parquet(path).sort(["accession", "source", "line"])
+        df = _load(path, ACC_COLUMNS).sort(["accession", "source", "line"])
         dups = df.filter(pl.col("accession").is_first_distinct().not_())
         if dups.is_empty():
             continue
@@ -185,11 +248,12 @@ def _duplicate_accessions(
 
 def _collapse(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Sort a partition and collapse identical sequences; Swiss-Prot, then lowest accession wins."""
-    df = df.sort(
-        [pl.col("seq_hash"), (pl.col("db") != "sp"), pl.col("accession")]
-    ).with_columns(
-        pl.col("accession").first().over("seq_hash").alias("rep_accession"),
-        pl.len().over("seq_hash").cast(pl.Int64).alias("n_records"),
+    df = df.sort([pl.col("seq_hash"), (pl.col("db") != "sp"), pl.col("accession")])
+    # Sorted, each sequence's records are one run: its first row is the representative.
+    first = pl.col("seq_hash") != pl.col("seq_hash").shift(1, fill_value="")
+    df = df.with_columns(
+        pl.when(first).then(pl.col("accession")).forward_fill().alias("rep_accession"),
+        pl.len().over(first.cum_sum()).cast(pl.Int64).alias("n_records"),
     )
     records = df.select(RECORD_COLUMNS)
     uniques = df.filter(pl.col("accession") == pl.col("rep_accession")).select(SEQUENCE_COLUMNS)
@@ -199,6 +263,7 @@ def _collapse(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
 def _residue_counts(sequences: pl.Series) -> np.ndarray:
     """Counts of each residue letter over a String series (reads the Arrow data buffer)."""
     counts = np.zeros(256, np.int64)
+    pairs = np.zeros(1 << 16, np.int64)
     arr = sequences.to_arrow()
     chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
     for chunk in chunks:
@@ -206,9 +271,14 @@ def _residue_counts(sequences: pl.Series) -> np.ndarray:
         offsets = np.frombuffer(chunk.buffers()[1], np.int64)
         lo, hi = offsets[chunk.offset], offsets[chunk.offset + len(chunk)]
         data = np.frombuffer(chunk.buffers()[2], np.uint8)[lo:hi]
+        if len(data) % 2:
+            counts[data[-1]] += 1
+            data = data[:-1]
+        data = data.view(np.uint16)  # counting byte pairs halves the work
         for i in range(0, len(data), _COUNT_BLOCK):  # cache-sized blocks: ~15x faster
-            counts += np.bincount(data[i : i + _COUNT_BLOCK], minlength=256)
-    return counts
+            pairs += np.bincount(data[i : i + _COUNT_BLOCK], minlength=1 << 16)
+    pairs = pairs.reshape(256, 256)
+    return counts + pairs.sum(axis=0) + pairs.sum(axis=1)
 
 
 def ingest(
@@ -229,6 +299,8 @@ def ingest(
             raise InputFormatError(f"{p}: no such file")
     n_buckets = plan_buckets(sources, bucket_bytes)
     with scratch_dir(out, "ingest") as tmp:
+        # One partition: keep the chunk frames (as much memory as reading it back would take).
+        frames: list[pl.DataFrame] | None = [] if n_buckets == 1 else None
         seq_buckets = BucketWriter(tmp, "seq", n_buckets)
         acc_buckets = BucketWriter(tmp, "acc", n_buckets)
         seq_bucket = (
@@ -241,24 +313,30 @@ def ingest(
                 counts = {"file": path.name, "records": 0, "residues": 0}
                 with progress_bar(desc=f"ingest {path.name}", unit=" seq", unit_scale=True) as bar:
                     for raw in iter_raw_records(path, chunk_bytes):
-                        counts["records"] += len(raw.sequences)
-                        counts["residues"] += sum(len(s) for s in raw.sequences)
-                        headers, seqs, lines = _clean(raw, rejector)
-                        df = _chunk_frame(headers, seqs, lines, source, rejector)
-                        seq_buckets.write(df, seq_bucket)
-                        acc_buckets.write(df.select("accession", "source", "line"), acc_bucket)
-                        bar.update(len(raw.sequences))
+                        counts["records"] += len(raw)
+                        counts["residues"] += int(raw.offsets[-1])
+                        df = _chunk_frame(raw, _clean(raw, rejector), source, rejector)
+                        if frames is not None:
+                            frames.append(df)
+                        else:
+                            seq_buckets.write(df, seq_bucket)
+                            acc_buckets.write(df.select(ACC_COLUMNS), acc_bucket)
+                        bar.update(len(raw))
                 stats.inputs.append(counts)
         finally:
-            seq_paths = seq_buckets.close()
-            acc_paths = acc_buckets.close()
+            seq_paths: list[Path | pl.DataFrame | None] = seq_buckets.close()
+            acc_paths: list[Path | pl.DataFrame | None] = acc_buckets.close()
+        if frames is not None:
+            frames = [f for f in frames if not f.is_empty()]
+            seq_paths = acc_paths = [pl.concat(frames, rechunk=False) if frames else None]
+            del frames
         drops = _duplicate_accessions(acc_paths, sources, on_error, stats)
         return _finish(out, seq_paths, drops, stats, row_group_rows)
 
 
 def _finish(
-    out: Path, seq_paths: list[Path | None], drops: pl.DataFrame, stats: IngestStats,
-    row_group_rows: int,
+    out: Path, seq_paths: list[Path | pl.DataFrame | None], drops: pl.DataFrame,
+    stats: IngestStats, row_group_rows: int,
 ) -> dict:
     """Collapse each partition in hash order and stream the two outputs; write the stats."""
     unique_residues = 0
@@ -266,27 +344,39 @@ def _finish(
     with atomic_path(seq_out) as tmp_seq, atomic_path(rec_out) as tmp_rec:
         uniques_sink = ParquetSink(tmp_seq, row_group_rows)
         records_sink = ParquetSink(tmp_rec, row_group_rows)
+        # The two files are encoded side by side, in threads (Parquet writing releases the GIL).
+        pool = ThreadPoolExecutor(2, thread_name_prefix="ingest-write")
         try:
             for path in seq_paths:
                 if path is None:
                     continue
-                df = pl.read_parquet(path)
+                df = _load(path)
                 if not drops.is_empty():
                     df = df.join(drops, on=["source", "line"], how="anti")
                 stats.add_lengths(df.get_column("length").to_numpy())
                 stats.residue_counts += _residue_counts(df.get_column("sequence"))
                 uniques, records = _collapse(df)
+                del df
                 unique_residues += int(uniques.get_column("length").sum())
-                uniques_sink.write(uniques)
-                records_sink.write(records)
+                _in_parallel(pool, (uniques_sink.write, uniques), (records_sink.write, records))
         finally:
-            uniques_sink.close()
-            records_sink.close()
+            try:
+                _in_parallel(pool, (uniques_sink.close,), (records_sink.close,))
+            finally:
+                pool.shutdown(wait=True)
         if uniques_sink.rows == 0:
             raise InputFormatError("no valid records in the input: nothing to ingest")
         report = _report(stats, uniques_sink.rows, unique_residues)
         write_text_atomic(out / "stats" / "ingest.json", json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _in_parallel(pool: ThreadPoolExecutor, *calls: tuple) -> None:
+    """Run each ``(function, *args)`` in ``pool``; wait for all, then raise the first error."""
+    futures = [pool.submit(*call) for call in calls]
+    wait(futures)
+    for future in futures:
+        future.result()
 
 
 def _report(stats: IngestStats, unique: int, unique_residues: int) -> dict:

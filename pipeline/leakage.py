@@ -72,19 +72,10 @@ def check_leakage(out_dir: str | Path, cfg: LeakageConfig, seed: int, threads: i
         with scratch_dir(out, "leakage") as tmp:
             write_indexed_fasta(out / "sequences.parquet", tmp / "q.fasta", keep=is_query)
             write_indexed_fasta(out / "sequences.parquet", tmp / "t.fasta", keep=is_train)
-            mm.run("createdb", tmp / "q.fasta", tmp / "q", "--dbtype", "1", threads=False)
-            mm.run("createdb", tmp / "t.fasta", tmp / "t", "--dbtype", "1", threads=False)
-            mm.run(
-                "search", tmp / "q", tmp / "t", tmp / "res", tmp / "tmp",
+            hits = mm.search(
+                tmp / "q.fasta", tmp / "t.fasta", tmp, ("query", "target", "fident"),
                 "-s", str(cfg.sensitivity), "-c", str(cfg.coverage), "--cov-mode", "2",
                 "--alignment-mode", "3", "-e", "1e-3",
-            )
-            mm.run("convertalis", tmp / "q", tmp / "t", tmp / "res", tmp / "hits.tsv",
-                   "--format-output", "query,target,fident")
-            hits = pl.read_csv(
-                tmp / "hits.tsv", separator="\t", has_header=False,
-                new_columns=["query", "target", "fident"],
-                schema_overrides={"query": pl.Int64, "target": pl.Int64, "fident": pl.Float64},
             )
         best = hits.sort(["query", "fident", "target"], descending=[False, True, False]).unique(
             "query", keep="first", maintain_order=True

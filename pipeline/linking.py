@@ -70,18 +70,11 @@ def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None)
     with scratch_dir(out, "split") as tmp:
         write_indexed_fasta(out / "sequences.parquet", tmp / "all.fasta")
         write_indexed_fasta(out / "sequences.parquet", tmp / "reps.fasta", keep=is_rep)
-        mm.run("createdb", tmp / "all.fasta", tmp / "q", "--dbtype", "1", threads=False)
-        mm.run("createdb", tmp / "reps.fasta", tmp / "t", "--dbtype", "1", threads=False)
-        mm.run(
-            "search", tmp / "q", tmp / "t", tmp / "res", tmp / "tmp",
+        hits = mm.search(
+            tmp / "all.fasta", tmp / "reps.fasta", tmp, ("query", "target"),
             "-s", str(cfg.link_sensitivity), "-c", str(cfg.link_coverage), "--cov-mode", "2",
             "--min-seq-id", str(cfg.link_identity), "--alignment-mode", "3", "-e", "1e-3",
         )
-        mm.run("convertalis", tmp / "q", tmp / "t", tmp / "res", tmp / "hits.tsv",
-               "--format-output", "query,target")
-        hits = pl.read_csv(tmp / "hits.tsv", separator="\t", has_header=False,
-                           new_columns=["query", "target"],
-                           schema_overrides={"query": pl.Int64, "target": pl.Int64})
     edges = (
         hits.join(rows.rename({"row": "query", "rep50": "a"}), on="query")
         .join(rows.rename({"row": "target", "rep50": "b"}), on="target")

@@ -32,7 +32,9 @@ def git_state() -> dict[str, str | bool | None]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True,
                                 text=True, check=True, timeout=30).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # manifests themselves don't count: rewriting one must not mark the code dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":!data_manifests"],
                                cwd=_REPO, capture_output=True, text=True, check=True,
                                timeout=30).stdout.strip() != ""
     except (OSError, subprocess.SubprocessError):

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
+
 from pipeline.errors import PipelineError
 
 _LOG_TAIL_LINES = 5
@@ -94,6 +96,24 @@ class MMseqs:
                 f"mmseqs {args[0]} failed (exit {proc.returncode}); log {self.log}: "
                 f"{_tail(self.log)}"
             )
+
+
+    def search(
+        self, queries: Path, targets: Path, work: Path, columns: Sequence[str], *args: str
+    ) -> pl.DataFrame:
+        """Search FASTA ``queries`` (``>row`` ids) against ``targets``; hits as a DataFrame.
+
+        ``columns`` are MMseqs2 ``--format-output`` fields (``query``/``target`` come back as
+        Int64 row numbers, the rest as Float64); ``args`` are extra ``search`` options.
+        """
+        self.run("createdb", queries, work / "q", "--dbtype", "1", threads=False)
+        self.run("createdb", targets, work / "t", "--dbtype", "1", threads=False)
+        self.run("search", work / "q", work / "t", work / "res", work / "tmp", *args)
+        self.run("convertalis", work / "q", work / "t", work / "res", work / "hits.tsv",
+                 "--format-output", ",".join(columns))
+        schema = {c: pl.Int64 if c in ("query", "target") else pl.Float64 for c in columns}
+        return pl.read_csv(work / "hits.tsv", separator="\t", has_header=False,
+                           new_columns=list(columns), schema_overrides=schema)
 
 
 def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:

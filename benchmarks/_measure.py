@@ -1,0 +1,18 @@
+"""Shared by the benchmark scripts: run a command as a child, report wall time and peak RSS."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+
+def run_measured(cmd: list[str], stdout: int | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB, the kernel's maxrss) of a child process; exits on failure."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=stdout, env={**os.environ, "ESM2_PROGRESS": "0"})
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
