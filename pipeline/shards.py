@@ -100,9 +100,17 @@ def decode_sample(sample: dict) -> ClusterSample:
 
 
 def iter_clusters(shards: Iterable[str | Path]) -> Iterator[ClusterSample]:
-    """Read clusters from shard files in order (single process; see training for loaders)."""
+    """Read clusters from the given shard files, in order, all of them.
+
+    The caller decides which shards to read (training deals shards to ranks and workers
+    itself), so WebDataset's own node and worker splitting is switched off.
+    """
     urls = [str(s) for s in shards]
-    for sample in wds.WebDataset(urls, shardshuffle=False, empty_check=False):
+    if not urls:
+        return
+    dataset = wds.WebDataset(urls, shardshuffle=False, empty_check=False, nodesplitter=None,
+                             workersplitter=None)
+    for sample in dataset:
         yield decode_sample(sample)
 
 
@@ -244,8 +252,7 @@ def _samples(part: pl.DataFrame) -> Iterator[tuple[str, ClusterSample]]:
     grouped = part.group_by(["key", "rep50"], maintain_order=True).agg(
         pl.col("split").first(), pl.col("rep90"), pl.col("entries"), pl.col("sequence")
     )
-    for key_, rep50, split, members, entries, seqs in grouped.iter_rows():
-        del key_
+    for _, rep50, split, members, entries, seqs in grouped.iter_rows():
         yield split, ClusterSample(rep50, int(sum(entries)), members, entries, seqs)
 
 
