@@ -1,0 +1,107 @@
+"""Validation perplexity: exp(mean cross-entropy over masked positions), with fixed masking."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline.shards import iter_clusters
+from training.data import IGNORE_INDEX, DataConfig, Example, batch_by_tokens, collate, make_example
+
+
+def validation_examples(
+    shards: Sequence[Path], seed: int, max_residues: int = 1022, limit: int = 0
+) -> list[Example]:
+    """The validation set's examples, masked with a fixed seed (the same every evaluation)."""
+    cfg = DataConfig(seed=seed, max_residues=max_residues)
+    out = []
+    for sample in iter_clusters(shards):
+        out.append(make_example(sample, 0, cfg))
+        if limit and len(out) == limit:
+            break
+    return out
+
+
+def validation_batches(
+    examples: Sequence[Example], tokens_per_batch: int, packed: bool
+) -> list[dict[str, torch.Tensor]]:
+    cfg = DataConfig(
+        tokens_per_batch=tokens_per_batch, packed=packed, sort_window=max(len(examples), 1)
+    )
+    return [collate(b, packed) for b in batch_by_tokens(examples, cfg)]
+
+
+def _batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    flat = labels.reshape(-1)
+    keep = flat != IGNORE_INDEX
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1])[keep].float(), flat[keep], reduction="sum"
+    )
+    return float(loss), int(keep.sum())
+
+
+@torch.no_grad()
+def perplexity(
+    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    batches: Sequence[dict[str, torch.Tensor]],
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Perplexity of ``forward`` (batch → logits) on ``batches``; ranks share the work.
+
+    Under torch.distributed every rank runs the same number of forwards (ZeRO-3 gathers
+    parameters collectively): rank r takes batches r, r + world, …, and ranks that run out repeat
+    a batch whose result they discard. Totals are summed across ranks.
+    """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(batches[rank::world])
+    rounds = math.ceil(len(batches) / world) if batches else 0
+    nll, count = 0.0, 0
+    for i in range(rounds):
+        batch = mine[i] if i < len(mine) else batches[0]
+        moved = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        logits = forward(moved)
+        if i < len(mine):
+            part_nll, part_count = _batch_nll(logits, moved["labels"])
+            nll, count = nll + part_nll, count + part_count
+    totals = torch.tensor([nll, float(count)], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(totals)
+    nll, count = float(totals[0]), int(totals[1])
+    mean = nll / count if count else float("nan")
+    return {
+        "loss": mean,
+        "perplexity": math.exp(mean) if count else float("nan"),
+        "masked_tokens": count,
+    }
+
+
+def model_forward(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """Batch dict → logits for our ESM2 (padded or packed batches)."""
+
+    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(
+            batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            seq_ids=batch.get("seq_ids"),
+        )["logits"]
+
+    return run
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    shards: Iterable[Path],
+    seed: int = 12345,
+    tokens_per_batch: int = 8192,
+    limit: int = 0,
+) -> dict[str, float]:
+    """Perplexity of a (non-distributed) model on validation shards with fixed masking."""
+    model.eval()
+    examples = validation_examples(list(shards), seed, limit=limit)
+    batches = validation_batches(examples, tokens_per_batch, packed=True)
+    device = next(model.parameters()).device
+    return perplexity(model_forward(model), batches, device)
