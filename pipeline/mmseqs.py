@@ -6,6 +6,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import polars as pl
 from pipeline.errors import PipelineError
 
 _LOG_TAIL_LINES = 5
+ELAPSED_MARK = "# mmseqs exit"  # log line after each command: "# mmseqs exit RC after S s"
 
 
 class MMseqsError(PipelineError):
@@ -90,7 +92,10 @@ class MMseqs:
         with open(self.log, "a", encoding="utf-8") as log:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
+            start = time.perf_counter()
             proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+            elapsed = time.perf_counter() - start
+            log.write(f"{ELAPSED_MARK} {proc.returncode} after {elapsed:.3f} s\n")
         if proc.returncode != 0:
             raise MMseqsError(
                 f"mmseqs {args[0]} failed (exit {proc.returncode}); log {self.log}: "
