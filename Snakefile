@@ -32,6 +32,10 @@ _write_resolved_config()
 
 
 MANIFEST = Path(CFG.manifest_dir) / f"{CFG.build}.json"
+TRAIN_CONFIG = Path(CFG.train.config)
+RUN = Path(CFG.train.run_dir or f"runs/{CFG.build}-{TRAIN_CONFIG.stem}")
+ESM2_TRAIN = f"{sys.executable} -m training.cli"
+TORCHRUN = f"{sys.executable} -m torch.distributed.run --nproc_per_node {CFG.train.nproc}"
 
 
 rule all:
@@ -146,3 +150,48 @@ rule manifest:
         OUT / "logs" / "manifest.log",
     shell:
         "{ESM2_DATA} manifest --config {input.config} 2>&1 | tee {log}"
+
+
+# ---- training: `snakemake ... train` (the README's demo runs `all train`) --------------------
+rule train:
+    input:
+        RUN / "evaluation.json",
+        RUN / "hf" / "config.json",
+
+
+rule train_run:
+    input:
+        manifest=MANIFEST,
+        config=TRAIN_CONFIG,
+    output:
+        final=RUN / "final" / "model.safetensors",
+        metrics=RUN / "metrics.jsonl",
+    log:
+        RUN / "logs" / "train.log",
+    threads: CFG.train.nproc
+    shell:
+        "DS_ACCELERATOR=${{DS_ACCELERATOR:-cpu}} OMP_NUM_THREADS=1 {TORCHRUN} -m training.cli "
+        "train --config {input.config} --data {OUT} --out {RUN} --resume 2>&1 | tee {log}"
+
+
+rule evaluate:
+    input:
+        final=RUN / "final" / "model.safetensors",
+    output:
+        RUN / "evaluation.json",
+    log:
+        RUN / "logs" / "evaluate.log",
+    shell:
+        "{ESM2_TRAIN} evaluate --checkpoint {RUN}/final --data {OUT} --out {output} "
+        "2>&1 | tee {log}"
+
+
+rule export:
+    input:
+        final=RUN / "final" / "model.safetensors",
+    output:
+        RUN / "hf" / "config.json",
+    log:
+        RUN / "logs" / "export.log",
+    shell:
+        "{ESM2_TRAIN} export {RUN}/final {RUN}/hf --overwrite 2>&1 | tee {log}"

@@ -114,6 +114,14 @@ class ValidationConfig(_Section):
     size: int = Field(10_000, gt=0)
 
 
+class TrainTarget(_Section):
+    """The Snakefile's ``train`` target: a short training run on this build."""
+
+    config: str = "config/train/tiny.yaml"
+    nproc: int = Field(2, gt=0)  # ranks (torchrun --nproc_per_node); GPUs on a GPU node
+    run_dir: str | None = None  # default: runs/<build>-<train config name>
+
+
 class BuildConfig(_Section):
     """A whole dataset build."""
 
@@ -131,6 +139,7 @@ class BuildConfig(_Section):
     shards: ShardsConfig = ShardsConfig()
     validation: ValidationConfig = ValidationConfig()
     manifest_dir: str = "data_manifests"
+    train: TrainTarget = TrainTarget()
 
     @model_validator(mode="after")
     def _unique_input_names(self) -> BuildConfig:

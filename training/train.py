@@ -299,7 +299,9 @@ class Trainer:
             state = self.engine.module.state_dict()
         if self.rank != 0:
             return None
-        return {k: v.detach().float().cpu().clone() for k, v in state.items()}
+        # the model's own keys (its state-dict hook leaves out the tied LM decoder weight)
+        keys = set(self.engine.module.state_dict().keys())
+        return {k: v.detach().float().cpu().clone() for k, v in state.items() if k in keys}
 
 
 def split_shards_or_none(data_dir: Path) -> list[Path] | None:
@@ -308,13 +310,15 @@ def split_shards_or_none(data_dir: Path) -> list[Path] | None:
     return [shard] if shard.is_file() else None
 
 
-def run_training(cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool) -> list[dict]:
-    """Train (every rank calls this); rank 0 exports the final weights to ``out_dir/final``."""
+def run_training(cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool,
+                 progress: bool = True) -> tuple[Trainer, list[dict]]:
+    """Train (every rank calls this); rank 0 writes the final weights to ``out_dir/final``
+    (our checkpoint format; ``esm2-train export`` turns it into a HuggingFace directory)."""
     if not (Path(data_dir) / "shards" / "train" / "index.json").is_file():
         raise UserError(f"{data_dir}: not a dataset build (no shards/train/index.json)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer = Trainer(cfg, data_dir, out_dir)
-    history = trainer.fit(resume=resume)
+    history = trainer.fit(resume=resume, progress=progress)
     state = trainer.consolidated_state_dict()
     if trainer.rank == 0 and state is not None:
         from training.checkpoint import save_checkpoint
@@ -327,4 +331,4 @@ def run_training(cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool) 
             metadata={"step": str(trainer.step)},
         )
     dist.barrier()
-    return history
+    return trainer, history
