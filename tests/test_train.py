@@ -99,3 +99,26 @@ def test_checkpoints_pruned_and_export_matches_transformers(straight, tmp_path) 
         a = ours(ids, attention_mask=mask)["logits"]
         b = hf(input_ids=ids, attention_mask=mask.long()).logits
     assert (a - b)[mask].abs().max().item() <= 1e-5
+
+
+def test_evaluate_matches_the_trainers_validation(straight) -> None:
+    from training.checkpoint import load_checkpoint
+    from training.evaluate import evaluate_model
+
+    _, root, data, reports = straight
+    model = load_checkpoint(root / "straight" / "final")
+    result = evaluate_model(model, [data / "validation" / "validation-000000.tar"], limit=50)
+    assert abs(result["perplexity"] - reports[0]["history"][-1]["val_perplexity"]) < 1e-4
+
+
+def test_training_report_notebook_runs(straight, monkeypatch) -> None:
+    import nbclient
+    import nbformat
+
+    monkeypatch.setenv("ESM2_RUN_DIR", str(straight[1] / "straight"))
+    nb = nbformat.read(REPO / "notebooks" / "training_report.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 3
