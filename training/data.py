@@ -72,8 +72,10 @@ def mask_tokens(
     action = rng.random(len(ids))
     out = ids.copy()
     to_mask = chosen & (action < cfg.mask_token_frac)
-    to_random = chosen & (action >= cfg.mask_token_frac) & (
-        action < cfg.mask_token_frac + cfg.random_token_frac
+    to_random = (
+        chosen
+        & (action >= cfg.mask_token_frac)
+        & (action < cfg.mask_token_frac + cfg.random_token_frac)
     )
     out[to_mask] = MASK
     out[to_random] = rng.choice(_RANDOM_RESIDUES, size=int(to_random.sum()))
@@ -126,8 +128,11 @@ def batch_by_tokens(examples: Sequence[Example], cfg: DataConfig) -> list[list[E
     current: list[Example] = []
     for e in order:
         n = len(e.input_ids)
-        cost = (sum(len(x.input_ids) for x in current) + n if cfg.packed
-                else max(n, *(len(x.input_ids) for x in current), 0) * (len(current) + 1))
+        cost = (
+            sum(len(x.input_ids) for x in current) + n
+            if cfg.packed
+            else max(n, *(len(x.input_ids) for x in current), 0) * (len(current) + 1)
+        )
         if current and cost > cfg.tokens_per_batch:
             batches.append(current)
             current = []
@@ -137,9 +142,7 @@ def batch_by_tokens(examples: Sequence[Example], cfg: DataConfig) -> list[list[E
     return batches
 
 
-def shards_for(
-    shards: Sequence[Path], seed: int, epoch: int, rank: int, world: int
-) -> list[Path]:
+def shards_for(shards: Sequence[Path], seed: int, epoch: int, rank: int, world: int) -> list[Path]:
     """This rank's shards for an epoch: a seeded shuffle, dealt round-robin to ranks."""
     order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(shards))
     return [shards[i] for i in order[rank::world]]
@@ -153,8 +156,13 @@ class ClusterStream(IterableDataset):
     """
 
     def __init__(
-        self, shards: Sequence[str | Path], cfg: DataConfig, rank: int = 0, world_size: int = 1,
-        position: dict | None = None, epochs: int | None = None,
+        self,
+        shards: Sequence[str | Path],
+        cfg: DataConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        position: dict | None = None,
+        epochs: int | None = None,
     ) -> None:
         super().__init__()
         self.shards = [Path(s) for s in shards]
@@ -186,8 +194,10 @@ class ClusterStream(IterableDataset):
         worker, workers = self._worker()
         saved = self.position.get("workers")
         if saved is not None and saved != workers:
-            raise ValueError(f"stream position was saved with {saved} loader workers, "
-                             f"resumed with {workers}: use the same num_workers to resume")
+            raise ValueError(
+                f"stream position was saved with {saved} loader workers, "
+                f"resumed with {workers}: use the same num_workers to resume"
+            )
         # after a resume, worker 0 continues the stream that was due next
         stream = (worker + self.position.get("rotation", 0)) % workers
         epoch, skip = self.position.get("streams", {}).get(str(stream), (0, 0))
@@ -196,8 +206,9 @@ class ClusterStream(IterableDataset):
                 if index < skip:
                     continue
                 out = collate(batch, self.cfg.packed)
-                out.update(epoch=epoch, stream=stream, index=index,
-                           clusters=[e.cluster for e in batch])
+                out.update(
+                    epoch=epoch, stream=stream, index=index, clusters=[e.cluster for e in batch]
+                )
                 yield out
             epoch, skip = epoch + 1, 0
 
@@ -235,10 +246,16 @@ def split_shards(build_dir: str | Path, split: str) -> list[Path]:
 
 
 def make_loader(
-    shards: Sequence[str | Path], cfg: DataConfig, rank: int = 0, world_size: int = 1,
-    num_workers: int = 0, position: dict | None = None, epochs: int | None = None,
+    shards: Sequence[str | Path],
+    cfg: DataConfig,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    position: dict | None = None,
+    epochs: int | None = None,
 ) -> DataLoader:
     """A DataLoader over a ClusterStream (workers fork; batches are built inside workers)."""
     stream = ClusterStream(shards, cfg, rank, world_size, position, epochs)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers,
-                      persistent_workers=False, in_order=True)
+    return DataLoader(
+        stream, batch_size=None, num_workers=num_workers, persistent_workers=False, in_order=True
+    )

@@ -1,0 +1,7 @@
+"""The base class of errors that are the user's to fix (reported without a traceback)."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An expected error (bad input, missing file, bad config): ``esm2-train`` prints one line."""
