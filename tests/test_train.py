@@ -122,3 +122,18 @@ def test_training_report_notebook_runs(straight, monkeypatch) -> None:
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
               if "image/png" in o.get("data", {})]
     assert len(images) == 3
+
+
+def test_export_gathers_a_zero3_checkpoint(straight, tmp_path) -> None:
+    """`esm2-train export` of checkpoints/step20 (ZeRO partitions) = export of final/."""
+    from safetensors.torch import load_file
+
+    from training.cli import main
+
+    _, root, _, _ = straight
+    run = root / "straight"
+    assert main(["export", str(run / "checkpoints" / "step00000020"), str(tmp_path / "a")]) == 0
+    assert main(["export", str(run / "final"), str(tmp_path / "b")]) == 0
+    a, b = (load_file(tmp_path / x / "model.safetensors") for x in ("a", "b"))
+    assert sorted(a) == sorted(b) and all(a[k].equal(b[k]) for k in a)
+    assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "c")]) == 1

@@ -39,9 +39,17 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from training.consolidate import consolidate, locate
     from training.convert import export_hf
 
-    out = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    if locate(args.checkpoint) is None:
+        out = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
+    else:  # a ZeRO checkpoint of a run: gather the partitions first
+        with tempfile.TemporaryDirectory() as tmp:
+            gathered = consolidate(args.checkpoint, f"{tmp}/model")
+            out = export_hf(gathered, args.out, overwrite=args.overwrite)
     print(f"wrote HuggingFace EsmForMaskedLM directory {out}")
     return 0
 
@@ -160,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write an esm2-pretrain checkpoint as a directory that "
         "EsmForMaskedLM.from_pretrained and EsmTokenizer.from_pretrained load.",
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="esm2-pretrain checkpoint directory")
+    p.add_argument("checkpoint", metavar="CKPT", help="our checkpoint directory, or a training "
+                   "run / its checkpoints/ / one checkpoints/stepN (ZeRO partitions are gathered)")
     p.add_argument("out", metavar="OUT", help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=_cmd_export)

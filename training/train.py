@@ -56,7 +56,7 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
+def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool, out_dir: Path) -> dict:
     """The DeepSpeed config generated from ours; ``cfg.deepspeed`` is merged in last."""
     per_batch = cfg.data.tokens_per_batch * world
     accum = max(1, math.ceil(cfg.run.tokens_per_step / per_batch)) if cfg.run.tokens_per_step else 1
@@ -70,6 +70,9 @@ def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if cfg.run.tensorboard:  # DeepSpeed's monitor: loss and lr curves under <out>/tensorboard
+        generated["tensorboard"] = {"enabled": True, "output_path": str(out_dir / "tensorboard"),
+                                    "job_name": "train"}
     return _merge(generated, cfg.deepspeed)
 
 
@@ -113,7 +116,7 @@ class Trainer:
             eps=cfg.optim.eps,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim))
-        self.ds_config = deepspeed_config(cfg, self.world, bf16)
+        self.ds_config = deepspeed_config(cfg, self.world, bf16, self.out)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
