@@ -82,7 +82,7 @@ class SplitConfig(_Section):
     # >= link_coverage coverage of the query) into one split group; null disables linking.
     link_identity: float | None = Field(0.5, ge=0.0, le=1.0)
     link_coverage: float = Field(0.8, ge=0.0, le=1.0)
-    link_sensitivity: float = Field(7.5, gt=0.0)
+    link_sensitivity: float = Field(5.7, gt=0.0)  # MMseqs2 -s of the linking search
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
