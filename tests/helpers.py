@@ -27,3 +27,16 @@ def write_fasta(path: Path, text: str) -> Path:
         data = gzip.compress(data, mtime=0)
     path.write_bytes(data)
     return path
+
+
+def run_notebook(name: str) -> int:
+    """Execute notebooks/NAME with nbclient (inputs come from the environment); returns the
+    number of figures (image/png outputs) it produced."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    return sum("image/png" in o.get("data", {})
+               for c in nb.cells if c.cell_type == "code" for o in c.outputs)

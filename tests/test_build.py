@@ -10,8 +10,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import nbclient
-import nbformat
 import polars as pl
 import pytest
 
@@ -26,7 +24,7 @@ from pipeline.shards import (
     shard_paths,
 )
 from tests.conftest import SampleBuild, sample_config, snakemake
-from tests.helpers import REPO
+from tests.helpers import REPO, run_notebook
 
 
 def outputs(manifest: Path) -> dict[str, str]:
@@ -187,9 +185,4 @@ def test_kill_mid_build_then_rerun_gives_same_bytes(
 def test_dataset_report_notebook_runs(sample_build: SampleBuild, monkeypatch) -> None:
     monkeypatch.setenv("ESM2_MANIFEST", str(sample_build.manifest))
     monkeypatch.setenv("ESM2_BUILD_DIR", str(sample_build.out))
-    nb = nbformat.read(REPO / "notebooks" / "dataset_report.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "image/png" in o.get("data", {})]
-    assert len(images) == 4
+    assert run_notebook("dataset_report.ipynb") == 4

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_notebook
 
 CONFIG = {
     "model": {"preset": "tiny"},
@@ -112,16 +112,8 @@ def test_evaluate_matches_the_trainers_validation(straight) -> None:
 
 
 def test_training_report_notebook_runs(straight, monkeypatch) -> None:
-    import nbclient
-    import nbformat
-
     monkeypatch.setenv("ESM2_RUN_DIR", str(straight[1] / "straight"))
-    nb = nbformat.read(REPO / "notebooks" / "training_report.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                            resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "image/png" in o.get("data", {})]
-    assert len(images) == 3
+    assert run_notebook("training_report.ipynb") == 3
 
 
 def test_export_gathers_a_zero3_checkpoint(straight, tmp_path) -> None:
