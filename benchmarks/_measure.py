@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from pathlib import Path
 
 
 def run_measured(cmd: list[str], stdout: int | None = None) -> tuple[float, float]:
@@ -16,3 +17,13 @@ def run_measured(cmd: list[str], stdout: int | None = None) -> tuple[float, floa
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
     return wall, usage.ru_maxrss / 1024
+
+
+def mmseqs_seconds(log: Path) -> float:
+    """Total wall time of the MMseqs2 commands a stage ran (from its log's timing lines)."""
+    from pipeline.mmseqs import ELAPSED_MARK
+
+    if not log.exists():
+        return 0.0
+    return sum(float(line.split(" after ")[1].split()[0])
+               for line in log.read_text().splitlines() if line.startswith(ELAPSED_MARK))

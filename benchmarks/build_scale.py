@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 import yaml
-from _measure import run_measured
+from _measure import mmseqs_seconds, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
+MMSEQS_LOGS = {"cluster": "cluster", "split": "split", "check-leakage": "leakage"}
 STAGES = ("download", "ingest", "cluster", "split", "check-leakage", "shards", "validation",
           "manifest")
 
@@ -49,19 +50,28 @@ def main() -> None:
         cfg_path.write_text(yaml.safe_dump(cfg))
         rows = {}
         for stage in STAGES:
-            rows[stage] = run_measured([sys.executable, "-m", "pipeline.cli", stage, "--config",
-                               str(cfg_path)])
-            print(f"n={n} {stage:<14} {rows[stage][0]:8.1f} s {rows[stage][1]:8.0f} MiB",
-                  flush=True)
+            wall, rss = run_measured([sys.executable, "-m", "pipeline.cli", stage, "--config",
+                                      str(cfg_path)])
+            log = out / "logs" / f"{MMSEQS_LOGS.get(stage, stage)}.mmseqs.log"
+            rows[stage] = (wall, rss, mmseqs_seconds(log))
+            print(f"n={n} {stage:<14} {wall:8.1f} s {rss:8.0f} MiB "
+                  f"(MMseqs2 {rows[stage][2]:.1f} s)", flush=True)
         table[n] = rows
     sizes = list(table)
-    print(f"\n{'stage':<14}" + "".join(f"{f'{n:,} s':>14}{'MiB':>8}" for n in sizes))
+    print(f"\n{'stage':<14}" + "".join(f"{f'{n:,} s':>14}{'MMseqs2 s':>11}{'MiB':>8}"
+                                       for n in sizes))
     for stage in STAGES:
         print(f"{stage:<14}" + "".join(
-            f"{table[n][stage][0]:>14.1f}{table[n][stage][1]:>8.0f}" for n in sizes))
+            f"{table[n][stage][0]:>14.1f}{table[n][stage][2]:>11.1f}{table[n][stage][1]:>8.0f}"
+            for n in sizes))
     print(f"{'total':<14}" + "".join(
         f"{sum(v[0] for v in table[n].values()):>14.1f}"
+        f"{sum(v[2] for v in table[n].values()):>11.1f}"
         f"{max(v[1] for v in table[n].values()):>8.0f}" for n in sizes))
+    for stage in ("cluster",):
+        for n in sizes:
+            wall, _, inside = table[n][stage]
+            print(f"{stage} overhead at {n:,}: {(wall - inside) / inside:.1%} of MMseqs2 time")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from _measure import run_measured
+from _measure import mmseqs_seconds, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,14 +44,6 @@ from pipeline.cluster import cluster
 from pipeline.config import ClusterConfig
 cluster(sys.argv[1], ClusterConfig(), int(sys.argv[2]))
 """
-
-
-def mmseqs_seconds(log: Path) -> float:
-    """Total wall time of the MMseqs2 commands a stage ran (from its log's timing lines)."""
-    from pipeline.mmseqs import ELAPSED_MARK
-
-    return sum(float(line.split(" after ")[1].split()[0])
-               for line in log.read_text().splitlines() if line.startswith(ELAPSED_MARK))
 
 
 def main() -> None:
