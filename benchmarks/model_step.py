@@ -45,11 +45,11 @@ EMBED_VARIANTS = ("hf-embed", "ours-embed", "ours-embed-zarr")
 def load_sequences(path: Path | None) -> tuple[list[str], str]:
     """Real sequences and a description of where they came from."""
     sys.path.insert(0, str(REPO))
-    from training.fasta_reader import read_fasta
+    from pipeline.ingest import read_sequences
     from training.reference_sequences import REFERENCE_SEQUENCES
 
     if path is not None and path.is_file():
-        return [seq for _, seq in read_fasta(path)], str(path)
+        return [seq for _, seq in read_sequences(path)], str(path)
     return [seq for _, seq in REFERENCE_SEQUENCES], "training/reference_sequences.py (fallback)"
 
 

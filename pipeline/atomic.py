@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipeline.errors import OutputExistsError
+
 
 def remove_stale(parent: Path, name: str) -> None:
     """Remove temporaries (``.NAME.*.tmp``) left next to ``NAME`` by a killed earlier run.
@@ -47,9 +49,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``path`` (removed first if present)."""
+def atomic_dir(path: str | os.PathLike[str], overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``path``.
+
+    An existing ``path`` is moved aside before the rename and removed after it, so ``path`` is
+    always either the old or the new complete directory. With ``overwrite=False`` an existing
+    ``path`` is an :class:`OutputExistsError` before anything is written.
+    """
     final = Path(path)
+    if final.exists() and not overwrite:
+        raise OutputExistsError(f"{final} already exists (pass --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
@@ -57,8 +66,13 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", suffix=".tmp",
+                                        dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,3 +17,7 @@ class DownloadError(PipelineError):
 
 class InputFormatError(PipelineError):
     """An input file is malformed; the message names the file and the record."""
+
+
+class OutputExistsError(PipelineError, FileExistsError):
+    """The output path exists and overwriting was not asked for."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +159,26 @@ def _clean(raw: RawRecords, rejector: _Rejector) -> _Clean:
             rejector("invalid_residue", header, line,
                      f"invalid residue {shown!r} at position {pos}")
     return _Clean(np.flatnonzero(reason == 0), res, off)
+
+
+def read_sequences(
+    path: str | Path, chunk_bytes: int = 4 << 20
+) -> Iterator[tuple[str, str]]:
+    """Yield ``(id, sequence)`` per record of a FASTA file, cleaned and checked as ingest does.
+
+    ``id`` is the header's first word; sequences are upper-cased with a terminal ``*`` dropped.
+    The first bad record raises :class:`InputFormatError` naming the file, record and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFormatError(f"{path}: no such file")
+    rejector = _Rejector(path, "fail", IngestStats())
+    for raw in iter_raw_records(path, chunk_bytes):
+        clean = _clean(raw, rejector)
+        residues, offsets = clean.residues.tobytes(), clean.offsets.tolist()
+        for i in clean.index.tolist():
+            record_id = raw.header(i).split(maxsplit=1)[0].decode("utf-8", "replace")
+            yield record_id, residues[offsets[i] : offsets[i + 1]].decode("ascii")
 
 
 def _md5_hex(residues: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Array:

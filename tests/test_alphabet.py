@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.ingest import read_sequences
 from training import alphabet
-from training.fasta_reader import read_fasta
 from training.reference_sequences import REFERENCE_SEQUENCES
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -26,7 +26,7 @@ def real_sequences(limit: int = 60) -> list[str]:
     """Real sequences: the shared data when present, else the hard-coded reference set."""
     path = DATA / "mmseqs2_examples_query.fasta.gz"
     if path.is_file():
-        return [seq for _, seq in itertools.islice(read_fasta(path), limit)]
+        return [seq for _, seq in itertools.islice(read_sequences(path), limit)]
     return [seq for _, seq in REFERENCE_SEQUENCES]
 
 

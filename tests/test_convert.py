@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
+from pipeline.ingest import read_sequences
 from training import alphabet
 from training.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
 from training.cli import main
@@ -24,7 +25,6 @@ from training.convert import (
     load_any_model,
     state_dict_from_hf,
 )
-from training.fasta_reader import read_fasta
 from training.model import ModelConfig, build_model
 from training.reference_sequences import REFERENCE_SEQUENCES
 
@@ -81,7 +81,7 @@ def real_sequences(limit: int = 8, max_len: int = 300) -> list[str]:
     """Real sequences (shared data when present, else the hard-coded reference set)."""
     path = DATA / "mmseqs2_examples_db.fasta.gz"
     if path.is_file():
-        seqs = (seq for _, seq in read_fasta(path))
+        seqs = (seq for _, seq in read_sequences(path))
     else:
         seqs = (seq for _, seq in REFERENCE_SEQUENCES)
     return [seq[:max_len] for seq in itertools.islice(seqs, limit)]

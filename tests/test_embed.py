@@ -12,12 +12,13 @@ import torch
 import zarr
 from transformers import EsmConfig, EsmForMaskedLM
 
+from pipeline.errors import InputFormatError
+from pipeline.ingest import read_sequences
 from training import alphabet
 from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.convert import import_hf
 from training.embed import EmbedError, EmbedOptions, embed_fasta, resolve_layers, window_starts
-from training.fasta_reader import FastaError, read_fasta
 from training.reference_sequences import REFERENCE_SEQUENCES
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -27,7 +28,7 @@ def real_records(limit: int = 8, max_len: int = 260) -> list[tuple[str, str]]:
     """Real (id, sequence) records: the shared data when present, else the reference set."""
     path = DATA / "mmseqs2_examples_query.fasta.gz"
     if path.is_file():
-        records = read_fasta(path)
+        records = read_sequences(path)
     else:
         records = ((h.split()[0], s) for h, s in REFERENCE_SEQUENCES)
     return [(rid, seq[:max_len]) for rid, seq in itertools.islice(records, limit)]
@@ -202,7 +203,7 @@ def test_cli_embed_from_hf_directory_and_errors(tmp_path: Path, hf_and_checkpoin
         (
             ["--checkpoint", str(checkpoint), "--out", str(tmp_path / "c.zarr"), "--fasta",
              str(tmp_path / "missing.fasta")],
-            "does not exist",
+            "missing.fasta: no such file",
         ),
         (
             ["--checkpoint", str(tmp_path), "--out", str(tmp_path / "c.zarr"), "--fasta",
@@ -224,33 +225,34 @@ def test_cli_embed_from_hf_directory_and_errors(tmp_path: Path, hf_and_checkpoin
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr", "in.fasta"]
 
 
-def test_fasta_reader(tmp_path: Path) -> None:
+def test_read_sequences(tmp_path: Path) -> None:
     path = tmp_path / "x.fasta.gz"
     with gzip.open(path, "wt") as handle:
         handle.write(">sp|P1|A first\nmkta\nYIAK*\n\n>second\nLLV\n")
-    assert list(read_fasta(path)) == [("sp|P1|A", "MKTAYIAK"), ("second", "LLV")]
+    assert list(read_sequences(path)) == [("sp|P1|A", "MKTAYIAK"), ("second", "LLV")]
     cases = [
-        ("MKT\n>a\nL\n", "sequence data before the first '>'"),
-        (">a\n>b\nL\n", "record 'a' has no residues"),
-        (">a\nMK1T\n", "outside the ESM alphabet: 1"),
-        (">\nMKT\n", "empty FASTA header"),
+        ("MKT\n>a\nL\n", "line 1: not a FASTA file"),
+        (">a\n>b\nL\n", r"record a \(line 1\): empty sequence"),
+        (">a\nMK1T\n", r"record a \(line 1\): invalid residue '1' at position 3"),
+        (">\nMKT\n", "empty header"),
+        ("", "empty file"),
     ]
     for text, message in cases:
         (tmp_path / "bad.fasta").write_text(text)
-        with pytest.raises(FastaError, match=message):
-            list(read_fasta(tmp_path / "bad.fasta"))
-    with pytest.raises(FastaError, match="does not exist"):
-        list(read_fasta(tmp_path / "none.fasta"))
+        with pytest.raises(InputFormatError, match=message):
+            list(read_sequences(tmp_path / "bad.fasta"))
+    with pytest.raises(InputFormatError, match="no such file"):
+        list(read_sequences(tmp_path / "none.fasta"))
 
 
 def test_bad_input_leaves_no_store(tmp_path: Path, hf_and_checkpoint) -> None:
     _, _, checkpoint = hf_and_checkpoint
     model = load_checkpoint(checkpoint)
     (tmp_path / "bad.fasta").write_text(">a\nMKT\n>b\nMK!T\n")
-    with pytest.raises(FastaError, match=r"bad\.fasta:3: record 'b'"):
+    with pytest.raises(InputFormatError, match=r"bad\.fasta: record b \(line 3\)"):
         embed_fasta(model, tmp_path / "bad.fasta", tmp_path / "o.zarr")
     (tmp_path / "empty.fasta").write_text("")
-    with pytest.raises(EmbedError, match="has no FASTA records"):
+    with pytest.raises(InputFormatError, match="no FASTA records"):
         embed_fasta(model, tmp_path / "empty.fasta", tmp_path / "o.zarr")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.fasta", "empty.fasta"]
 
@@ -276,7 +278,7 @@ def test_embed_a_real_fasta_file(tmp_path: Path, hf_and_checkpoint) -> None:
     summary = embed_fasta(model, path, tmp_path / "o.zarr", EmbedOptions(progress=False))
     assert (summary.num_sequences, summary.total_residues) == (1293, 88437)  # data README
     store = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
-    records = list(read_fasta(path))
+    records = list(read_sequences(path))
     offsets = store["offsets"][:]
     for i in (0, 500, 1292):
         got = store["layer_2/per_residue"][offsets[i] : offsets[i + 1]]

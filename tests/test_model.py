@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.ingest import read_sequences
 from training import alphabet
-from training.fasta_reader import read_fasta
 from training.layout import build_layout, pack_token_lists, plan_buckets
 from training.model import ESM2, ModelConfig, build_model, count_parameters, mlm_loss
 from training.model_config import PRESETS, ConfigError
@@ -29,7 +29,7 @@ def real_sequences(limit: int = 12, max_len: int = 300) -> list[str]:
     """Real sequences: the shared data when present, else the hard-coded reference set."""
     path = DATA / "mmseqs2_examples_query.fasta.gz"
     if path.is_file():
-        seqs = (seq for _, seq in read_fasta(path))
+        seqs = (seq for _, seq in read_sequences(path))
     else:
         seqs = (seq for _, seq in REFERENCE_SEQUENCES)
     return [seq[:max_len] for seq in itertools.islice(seqs, limit)]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.errors import OutputExistsError
 from training import alphabet
-from training.atomic import OutputExistsError
 from training.checkpoint import (
     CONFIG_FILE,
     FORMAT,

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from training.atomic import atomic_directory
+from pipeline.atomic import atomic_dir
 from training.errors import UserError
 from training.model import ESM2, build_model
 from training.model_config import ConfigError, ModelConfig
@@ -53,7 +53,7 @@ def save_checkpoint(
     document: dict[str, Any] = {"format": FORMAT, "version": VERSION, "model": config.to_dict()}
     if metadata:
         document["metadata"] = metadata
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / MODEL_FILE), metadata={"format": "pt", "esm2": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     return Path(out)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from pipeline.errors import PipelineError
 from training.errors import UserError
 
 PROG = "esm2-train"
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as exc:
+    except PipelineError as exc:  # UserError and the dataset side's errors
         message = " ".join(str(exc).split())  # always one line
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.atomic import atomic_dir
 from training.alphabet import MASK, PAD, TOKENS, VOCAB_SIZE, vocab_text
-from training.atomic import atomic_directory
 from training.checkpoint import (
     CheckpointError,
     instantiate,
@@ -353,7 +353,7 @@ def export_hf(
     validate_state_dict(cfg, state, source=f"checkpoint {checkpoint}")
     dtype = state["embed_tokens.weight"].dtype
     hf_state = {k: v.contiguous() for k, v in state_dict_to_hf(state, cfg).items()}
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config_to_hf(cfg, dtype))
         (tmp / "vocab.txt").write_text(vocab_text())

@@ -31,10 +31,10 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_dir
+from pipeline.ingest import read_sequences
 from training.alphabet import CLS, EOS, encode
-from training.atomic import atomic_directory
 from training.errors import UserError
-from training.fasta_reader import read_fasta
 from training.layout import pack_token_lists
 from training.model import ESM2
 
@@ -192,7 +192,7 @@ def embed_fasta(
 
     ids: list[str] = []
     lengths: list[int] = []
-    for record_id, sequence in read_fasta(fasta):
+    for record_id, sequence in read_sequences(fasta):
         ids.append(record_id)
         lengths.append(len(sequence))
     if not ids:
@@ -226,7 +226,7 @@ def embed_fasta(
     model.eval()
     chunk_rows = max(64, CHUNK_BYTES // (4 * hidden))
     block_rows = max(1, options.block_bytes // (4 * hidden))
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_dir(out, overwrite=overwrite) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         compressor = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
         id_array = root.create_array(
@@ -256,7 +256,7 @@ def embed_fasta(
                 compressors=compressor,
             )
         with tqdm(total=total, unit="res", desc="embed", disable=not options.progress) as bar:
-            for first, sequences in _blocks(read_fasta(fasta), embedded, block_rows):
+            for first, sequences in _blocks(read_sequences(fasta), embedded, block_rows):
                 _embed_block(
                     model, sequences, first, offsets, layers, options, window, overlap,
                     residue_arrays, mean_arrays,

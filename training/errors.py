@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pipeline.errors import PipelineError
 
-class UserError(Exception):
+
+class UserError(PipelineError):
     """An expected error (bad input, missing file, bad config): ``esm2-train`` prints one line."""
