@@ -4,7 +4,10 @@ Usage: python benchmarks/trainer.py [--data builds/sample] [--configs config/tra
        config/train/8M.yaml] [--steps 20] [--nproc 2]
 
 Runs `esm2-train train` under torchrun (DS_ACCELERATOR=cpu on a machine without GPUs) for a few
-steps per config and prints the median real tokens/s over all ranks, skipping the first 3 steps.
+steps per config and prints the median real tokens/s over all ranks, skipping the first 3 steps,
+and the model FLOPs/s that makes (training/flops.py; attention at the length-weighted mean of the
+build's sequence lengths, cropped as the loader crops). With --peak-tflops (the hardware's dense
+peak for the run's precision, all ranks together) it prints model FLOPs utilisation (MFU) too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,27 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import load_train_config  # noqa: E402
+from training.flops import attention_length, training_flops_per_token  # noqa: E402
+from training.model_config import ModelConfig  # noqa: E402
+
+MAX_RESIDUES = 1022
+
+
+def effective_length(build: Path) -> float:
+    """Attention length (sum l^2 / sum l) of the build's sequences as the loader crops them."""
+    import polars as pl
+
+    lengths = pl.read_parquet(build / "sequences.parquet", columns=["length"])["length"]
+    return attention_length((lengths.clip(upper_bound=MAX_RESIDUES) + 2).to_list())
+
+
+def model_config(path: Path) -> ModelConfig:
+    """The ModelConfig a training config file builds."""
+    cfg = load_train_config(path)
+    return ModelConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
 
 
 def main() -> None:
@@ -28,10 +52,15 @@ def main() -> None:
                     default=[ROOT / "config/train/tiny.yaml", ROOT / "config/train/8M.yaml"])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--nproc", type=int, default=2)
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="peak dense TFLOP/s of all ranks together, for MFU (e.g. 989 per H100 "
+                         "in bf16)")
     args = ap.parse_args()
+    seq_len = effective_length(args.data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ESM2_PROGRESS": "0"}
     env.setdefault("DS_ACCELERATOR", "cpu")
-    print(f"{'config':<12}{'ranks':>6}{'tokens/s':>12}{'step s':>9}{'loss first->last':>20}")
+    print(f"{'config':<12}{'ranks':>6}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>7}{'step s':>9}"
+          f"{'loss first->last':>20}")
     for config in args.configs:
         with tempfile.TemporaryDirectory() as out:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
@@ -44,7 +73,10 @@ def main() -> None:
         rates = [r["tokens_per_s"] for r in rows[3:] if "val_loss" not in r]
         rate = statistics.median(rates)
         step = statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows[3:])
-        print(f"{config.stem:<12}{args.nproc:>6}{rate:>12,.0f}{step:>9.2f}"
+        flops = rate * training_flops_per_token(model_config(config), seq_len)
+        util = f"{flops / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "-"
+        print(f"{config.stem:<12}{args.nproc:>6}{rate:>12,.0f}{flops / 1e9:>10.1f}{util:>7}"
+              f"{step:>9.2f}"
               f"{rows[0]['loss']:>10.3f} -> {rows[-1]['loss']:.3f}", flush=True)
 
 
