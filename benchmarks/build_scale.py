@@ -3,8 +3,9 @@
 Usage: python benchmarks/build_scale.py [--sizes 100000 1000000] [--work benchmarks/_work]
 
 Each stage runs as `esm2-data <stage> --config ...` in its own process; peak RSS is the
-kernel's maxrss of that process and its children (MMseqs2 included). Target: peak RSS under
-4 GB at 1M sequences and growing sublinearly with size.
+kernel's maxrss of that process and its children (MMseqs2 included). The split stage uses
+config/uniprot.yaml's linking settings. Target: peak RSS under 4 GB at 1M sequences and growing
+sublinearly with size.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import yaml
 from _measure import mmseqs_seconds, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
+# The full-UniProt config's linking settings (the ones meant for scale).
+UNIPROT_SPLIT = yaml.safe_load((ROOT / "config" / "uniprot.yaml").read_text())["split"]
 MMSEQS_LOGS = {"cluster": "cluster", "split": "split", "check-leakage": "leakage"}
 STAGES = ("download", "ingest", "cluster", "split", "check-leakage", "shards", "validation",
           "manifest")
@@ -30,7 +33,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--no-link", action="store_true",
+                    help="split per UniRef50 cluster (link_identity: null): no linking search")
     args = ap.parse_args()
+    split_cfg = {**UNIPROT_SPLIT, "valid_fraction": 0.01, "test_fraction": 0.01}
+    if args.no_link:
+        split_cfg["link_identity"] = None
     table = {}
     for n in args.sizes:
         fasta = args.work / f"families-{n}.fasta.gz"
@@ -42,7 +50,7 @@ def main() -> None:
         cfg = {
             "build": f"scale-{n}", "out_dir": str(out), "threads": args.threads,
             "inputs": [{"url": str(fasta)}], "manifest_dir": str(out / "manifest"),
-            "split": {"valid_fraction": 0.01, "test_fraction": 0.01},
+            "split": split_cfg,
             "leakage": {"max_queries": 2000, "max_fraction": 0.05},
             "validation": {"size": 1000},
         }

@@ -83,6 +83,12 @@ class SplitConfig(_Section):
     link_identity: float | None = Field(0.5, ge=0.0, le=1.0)
     link_coverage: float = Field(0.8, ge=0.0, le=1.0)
     link_sensitivity: float = Field(5.7, gt=0.0)  # MMseqs2 -s of the linking search
+    # Queries of the linking search: the UniRef90 representatives (they stand for members >= 90%
+    # identical to them) or every distinct sequence (most thorough, ~2-5x the work).
+    link_queries: Literal["uniref90", "all"] = "uniref90"
+    # Prefilter candidates aligned per query (MMseqs2 --max-seqs): bounds the alignment work per
+    # query, so it grows linearly with the queries.
+    link_max_seqs: int = Field(100, gt=0)
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:

@@ -2,10 +2,12 @@
 
 Greedy clustering leaves sequences that are >= 50% identical to a *different* cluster's
 representative (a fragment or a sequence that joined a longer representative first). Assigning
-splits per cluster would let such pairs straddle train and valid/test. Here every distinct sequence
-is searched against the UniRef50 representatives with MMseqs2; each hit links the query's cluster
-with the target's, and the connected components (scipy.sparse.csgraph) become split groups named
-by their smallest cluster id.
+splits per cluster would let such pairs straddle train and valid/test. Here the UniRef90
+representatives (or every distinct sequence, ``split.link_queries: all``) are searched against the
+UniRef50 representatives with MMseqs2; each hit links the query's cluster with the target's, and
+the connected components (scipy.sparse.csgraph) become split groups named by their smallest
+cluster id. The search's prefilter compares every query with every representative, so its cost
+grows with queries x representatives; ``link_sensitivity`` and ``link_max_seqs`` set its price.
 """
 
 from __future__ import annotations
@@ -54,6 +56,12 @@ def components(reps: pl.Series, edges: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame({"rep50": names, "group": names[first[labels]]})
 
 
+def _is_representative(accessions: pl.DataFrame, ids: pl.Series, prefix: str) -> np.ndarray:
+    """Mask over sequences.parquet rows: is the row's accession one of the cluster ``ids``?"""
+    wanted = ids.str.strip_prefix(prefix).implode()
+    return accessions.get_column("accession").is_in(wanted).to_numpy()
+
+
 def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None) -> tuple[
     pl.DataFrame, int
 ]:
@@ -62,18 +70,22 @@ def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None)
     reps = rows.get_column("rep50").unique()
     if cfg.link_identity is None:
         return pl.DataFrame({"rep50": reps.sort(), "group": reps.sort()}), 0
-    rep_accessions = reps.str.replace("^UniRef50_", "")
     accessions = pl.read_parquet(out / "sequences.parquet", columns=["accession"])
-    is_rep = accessions.get_column("accession").is_in(rep_accessions.implode()).to_numpy()
+    is_rep = _is_representative(accessions, reps, "UniRef50_")
+    is_query = None
+    if cfg.link_queries == "uniref90":
+        rep90 = pl.read_parquet(out / "clusters.parquet", columns=["rep90"]).get_column("rep90")
+        is_query = _is_representative(accessions, rep90.unique(), "UniRef90_")
     mm = MMseqs.create(mmseqs, threads, out / "logs" / "split.mmseqs.log")
     mm.log.write_text(f"mmseqs {mm.version}\n", encoding="utf-8")
     with scratch_dir(out, "split") as tmp:
-        write_indexed_fasta(out / "sequences.parquet", tmp / "all.fasta")
+        write_indexed_fasta(out / "sequences.parquet", tmp / "queries.fasta", keep=is_query)
         write_indexed_fasta(out / "sequences.parquet", tmp / "reps.fasta", keep=is_rep)
         hits = mm.search(
-            tmp / "all.fasta", tmp / "reps.fasta", tmp, ("query", "target"),
+            tmp / "queries.fasta", tmp / "reps.fasta", tmp, ("query", "target"),
             "-s", str(cfg.link_sensitivity), "-c", str(cfg.link_coverage), "--cov-mode", "2",
             "--min-seq-id", str(cfg.link_identity), "--alignment-mode", "3", "-e", "1e-3",
+            "--max-seqs", str(cfg.link_max_seqs),
         )
     edges = (
         hits.join(rows.rename({"row": "query", "rep50": "a"}), on="query")

@@ -127,6 +127,19 @@ def test_real_families_cluster_purely_and_do_not_leak(tmp_path) -> None:
     assert report["queries"] > 50
     assert report["fraction_at_or_above_threshold"] <= cfg.leakage.max_fraction
     assert sum(report["best_hit_identity_histogram"].values()) == report["queries"]
+    log = (tmp_path / "b" / "logs" / "split.mmseqs.log").read_text()
+    assert "-s 5.7" in log and "--max-seqs 100" in log
+
+    # Querying every distinct sequence adds queries (each query's hits do not depend on the
+    # others), so its split groups can only merge the default's (UniRef90 representatives).
+    default_groups = splits.select("rep50", "group")
+    split(cfg.out_dir, cfg.split.model_copy(update={"link_queries": "all"}), cfg.seed)
+    wider = pl.read_parquet(tmp_path / "b" / "splits.parquet").select("rep50", "group")
+    joined = default_groups.join(wider, on="rep50", suffix="_all")
+    assert joined.height == default_groups.height
+    per_group = joined.group_by("group").agg(pl.col("group_all").n_unique())
+    assert per_group.get_column("group_all").max() == 1
+    assert wider.get_column("group").n_unique() <= default_groups.get_column("group").n_unique()
 
 
 @pytest.mark.parametrize("threads", [2, 1])
