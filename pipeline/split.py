@@ -131,7 +131,11 @@ def split(
         "fractions": {"valid": cfg.valid_fraction, "test": cfg.test_fraction},
         "pins": cfg.pins,
         **info,
-        "link_identity": cfg.link_identity,
+        "linking": None if cfg.link_identity is None else {
+            "identity": cfg.link_identity, "coverage": cfg.link_coverage,
+            "sensitivity": cfg.link_sensitivity, "queries": cfg.link_queries,
+            "max_seqs": cfg.link_max_seqs,
+        },
         "cluster_links": links,
         "split_groups": table.get_column("group").n_unique(),
         "largest_group_clusters": int(table.group_by("group").len().get_column("len").max()),
