@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, run_notebook
+from training.config import load_train_config
+from training.model_config import ModelConfig
 
 CONFIG = {
     "model": {"preset": "tiny"},
@@ -129,3 +131,11 @@ def test_export_gathers_a_zero3_checkpoint(straight, tmp_path) -> None:
     a, b = (load_file(tmp_path / x / "model.safetensors") for x in ("a", "b"))
     assert sorted(a) == sorted(b) and all(a[k].equal(b[k]) for k in a)
     assert main(["export", str(tmp_path / "nowhere"), str(tmp_path / "c")]) == 1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "config" / "train").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_training_configs_are_valid(path: Path) -> None:
+    cfg = load_train_config(path)
+    model = ModelConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+    assert model.preset == cfg.model.preset and cfg.run.steps > 0
