@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -10,36 +12,73 @@ import pyarrow.parquet as pq
 
 
 class BucketWriter:
-    """Appends chunk tables to ``n`` on-disk partitions chosen by a key expression."""
+    """Appends chunk tables to ``n`` on-disk partitions chosen by a key expression.
 
-    def __init__(self, root: Path, prefix: str, n: int) -> None:
+    Encoding and writing run in one background thread (Arrow releases the GIL), so they overlap
+    the caller's work on the next chunk; at most ``depth`` chunks wait, which bounds memory.
+    Each partition receives its rows in the order ``write`` was called, whatever the timing.
+    """
+
+    def __init__(self, root: Path, prefix: str, n: int, depth: int = 2) -> None:
         self.paths = [root / f"{prefix}-{i:05d}.parquet" for i in range(n)]
         self.writers: list[pq.ParquetWriter | None] = [None] * n
         self.n = n
+        self.depth = depth
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{prefix}-writer")
+        self._pending: deque[Future[None]] = deque()
+        self._closed: list[Path | None] | None = None
+
+    def __enter__(self) -> BucketWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, *_: object) -> None:
+        """Always drain and close (no writer thread outlives the scratch directory)."""
+        try:
+            self.close()
+        except BaseException:
+            if exc_type is None:
+                raise
 
     def write(self, df: pl.DataFrame, bucket: pl.Expr) -> None:
         if df.is_empty():
             return
         if self.n == 1:
-            self._append(0, df)
-            return
-        for (b,), part in df.with_columns(bucket.alias("_b")).partition_by(
-            "_b", as_dict=True, include_key=False
-        ).items():
-            self._append(int(b), part)
+            parts = [(0, df)]
+        else:
+            split = df.with_columns(bucket.alias("_b")).partition_by(
+                "_b", as_dict=True, include_key=False
+            )
+            parts = [(int(b), part) for (b,), part in split.items()]
+        while len(self._pending) >= self.depth:
+            self._pending.popleft().result()  # re-raises a failed write here
+        self._pending.append(self._pool.submit(self._append_all, parts))
 
-    def _append(self, i: int, df: pl.DataFrame) -> None:
-        table = df.to_arrow()
-        if self.writers[i] is None:
-            self.writers[i] = pq.ParquetWriter(self.paths[i], table.schema, compression="lz4")
-        self.writers[i].write_table(table)
+    def _append_all(self, parts: list[tuple[int, pl.DataFrame]]) -> None:
+        for i, df in parts:
+            table = df.to_arrow()
+            if self.writers[i] is None:
+                self.writers[i] = pq.ParquetWriter(self.paths[i], table.schema, compression="lz4")
+            self.writers[i].write_table(table)
 
     def close(self) -> list[Path | None]:
+        """Finish the queued writes and close every partition; paths (None: empty partition)."""
+        if self._closed is not None:
+            return self._closed
+        error: BaseException | None = None
+        while self._pending:
+            try:
+                self._pending.popleft().result()
+            except BaseException as err:  # keep closing; raise the first failure at the end
+                error = error or err
+        self._pool.shutdown(wait=True)
         out: list[Path | None] = []
         for path, writer in zip(self.paths, self.writers, strict=True):
             if writer is not None:
                 writer.close()
             out.append(path if writer is not None else None)
+        self._closed = out
+        if error is not None:
+            raise error
         return out
 
 

@@ -189,26 +189,25 @@ class ShardWriter:
 
 def _uniref90_rows(out: Path, tmp: Path, n_buckets: int) -> list[Path | None]:
     """Partition (rep90, rep50, entries) rows and rep90 sequences by representative hash."""
-    rows = BucketWriter(tmp, "rows", n_buckets)
-    seqs = BucketWriter(tmp, "seqs", n_buckets)
     by_acc = pl.col("acc").hash(seed=7) % n_buckets
     carry: pl.DataFrame | None = None
-    for batch in pq.ParquetFile(out / "clusters.parquet").iter_batches(
-        _BATCH, columns=["rep90", "rep50"]
-    ):
-        df = pl.from_arrow(batch)
+    with BucketWriter(tmp, "rows", n_buckets) as rows, BucketWriter(tmp, "seqs", n_buckets) as seqs:
+        for batch in pq.ParquetFile(out / "clusters.parquet").iter_batches(
+            _BATCH, columns=["rep90", "rep50"]
+        ):
+            df = pl.from_arrow(batch)
+            if carry is not None:
+                df = pl.concat([carry, df])
+            # clusters.parquet is sorted by rep50, rep90: hold back the last (maybe partial) group
+            last = df.get_column("rep90")[-1]
+            carry, df = df.filter(pl.col("rep90") == last), df.filter(pl.col("rep90") != last)
+            rows.write(_count(df), by_acc)
         if carry is not None:
-            df = pl.concat([carry, df])
-        # clusters.parquet is sorted by rep50, rep90: hold back the last (maybe partial) group
-        last = df.get_column("rep90")[-1]
-        carry, df = df.filter(pl.col("rep90") == last), df.filter(pl.col("rep90") != last)
-        rows.write(_count(df), by_acc)
-    if carry is not None:
-        rows.write(_count(carry), by_acc)
-    for batch in pq.ParquetFile(out / "sequences.parquet").iter_batches(
-        _BATCH, columns=["accession", "sequence"]
-    ):
-        seqs.write(pl.from_arrow(batch).rename({"accession": "acc"}), by_acc)
+            rows.write(_count(carry), by_acc)
+        for batch in pq.ParquetFile(out / "sequences.parquet").iter_batches(
+            _BATCH, columns=["accession", "sequence"]
+        ):
+            seqs.write(pl.from_arrow(batch).rename({"accession": "acc"}), by_acc)
     row_paths, seq_paths = rows.close(), seqs.close()
     return [r for pair in zip(row_paths, seq_paths, strict=True) for r in pair]
 
@@ -223,25 +222,30 @@ def _joined_members(
     parts: list[Path | None], splits: pl.DataFrame, seed: int, tmp: Path, n_buckets: int
 ) -> list[Path | None]:
     """Join each rep90 with its sequence and split; re-partition by cluster order."""
-    ordered = BucketWriter(tmp, "ordered", n_buckets)
     by_order = pl.col("key").str.slice(0, 6).str.to_integer(base=16) * n_buckets // (1 << 24)
-    for rows_path, seqs_path in zip(parts[::2], parts[1::2], strict=True):
-        if rows_path is None:
-            continue
-        rows = pl.read_parquet(rows_path)
-        seqs = pl.read_parquet(seqs_path) if seqs_path else pl.DataFrame(
-            schema={"acc": pl.String, "sequence": pl.String})
-        joined = rows.join(seqs, on="acc", how="left").join(splits, on="rep50", how="left")
-        if joined.get_column("sequence").null_count() or joined.get_column("split").null_count():
-            raise PipelineError("clusters.parquet, splits.parquet and sequences.parquet disagree "
-                                "(rerun cluster and split)")
-        joined = joined.with_columns(
-            pl.col("rep50").map_elements(lambda c: order_key(seed, c), return_dtype=pl.String)
-            .alias("key")
-        )
-        ordered.write(joined.select("key", "rep50", "rep90", "entries", "sequence", "split"),
-                      by_order)
+    with BucketWriter(tmp, "ordered", n_buckets) as ordered:
+        for rows_path, seqs_path in zip(parts[::2], parts[1::2], strict=True):
+            if rows_path is not None:
+                ordered.write(_join_partition(rows_path, seqs_path, splits, seed), by_order)
     return ordered.close()
+
+
+def _join_partition(
+    rows_path: Path, seqs_path: Path | None, splits: pl.DataFrame, seed: int
+) -> pl.DataFrame:
+    """One partition's rep90 rows with their sequence, split and cluster order key."""
+    rows = pl.read_parquet(rows_path)
+    seqs = pl.read_parquet(seqs_path) if seqs_path else pl.DataFrame(
+        schema={"acc": pl.String, "sequence": pl.String})
+    joined = rows.join(seqs, on="acc", how="left").join(splits, on="rep50", how="left")
+    if joined.get_column("sequence").null_count() or joined.get_column("split").null_count():
+        raise PipelineError("clusters.parquet, splits.parquet and sequences.parquet disagree "
+                            "(rerun cluster and split)")
+    joined = joined.with_columns(
+        pl.col("rep50").map_elements(lambda c: order_key(seed, c), return_dtype=pl.String)
+        .alias("key")
+    )
+    return joined.select("key", "rep50", "rep90", "entries", "sequence", "split")
 
 
 def _samples(part: pl.DataFrame) -> Iterator[tuple[str, ClusterSample]]:

@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from pipeline.cli import main
+from pipeline.config import ShardsConfig
 from pipeline.shards import (
     FIELD,
     SPLITS,
@@ -22,6 +23,7 @@ from pipeline.shards import (
     iter_clusters,
     read_index,
     shard_paths,
+    write_shards,
 )
 from tests.conftest import SampleBuild, sample_config, snakemake
 from tests.helpers import REPO, run_notebook
@@ -93,6 +95,17 @@ def test_shard_files_are_reproducible_tars(sample_build: SampleBuild) -> None:
             assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (
                 0, 0, 0, "esm2", "esm2", 0o444)
             assert m.name.endswith("." + FIELD)
+
+
+def test_shards_independent_of_partition_count(sample_build: SampleBuild, tmp_path: Path) -> None:
+    """Many on-disk partitions (tiny bucket_bytes) give the same shard bytes as one."""
+    for name in ("clusters.parquet", "splits.parquet", "sequences.parquet"):
+        shutil.copy(sample_build.out / name, tmp_path / name)
+    write_shards(tmp_path, ShardsConfig(max_shard_bytes=262144, bucket_bytes=1 << 12), seed=0)
+    for split in SPLITS:
+        ours = read_index(tmp_path / "shards" / split)["shards"]
+        assert len(ours) >= 1
+        assert ours == read_index(sample_build.out / "shards" / split)["shards"]
 
 
 def test_keys_with_dots_round_trip() -> None:
