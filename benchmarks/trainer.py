@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from training.config import load_train_config  # noqa: E402
 from training.flops import attention_length, training_flops_per_token  # noqa: E402
 from training.model_config import ModelConfig  # noqa: E402
@@ -58,7 +60,8 @@ def main() -> None:
     args = ap.parse_args()
     seq_len = effective_length(args.data)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ESM2_PROGRESS": "0"}
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator (gloo); GPUs: its default
+        env.setdefault("DS_ACCELERATOR", "cpu")
     print(f"{'config':<12}{'ranks':>6}{'tokens/s':>12}{'GFLOP/s':>10}{'MFU':>7}{'step s':>9}"
           f"{'loss first->last':>20}")
     for config in args.configs:
