@@ -24,27 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from training.config import load_train_config  # noqa: E402
-from training.flops import attention_length, training_flops_per_token  # noqa: E402
-from training.model_config import ModelConfig  # noqa: E402
-
-MAX_RESIDUES = 1022
+from training.flops import attention_length, mfu, training_flops_per_token  # noqa: E402
 
 
-def effective_length(build: Path) -> float:
-    """Attention length (sum l^2 / sum l) of the build's sequences as the loader crops them."""
-    import polars as pl
-
-    lengths = pl.read_parquet(build / "sequences.parquet", columns=["length"])["length"]
-    return attention_length((lengths.clip(upper_bound=MAX_RESIDUES) + 2).to_list())
-
-
-def model_config(path: Path) -> ModelConfig:
-    """The ModelConfig a training config file builds."""
-    cfg = load_train_config(path)
-    return ModelConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+def effective_length(lengths: pl.Series, max_residues: int) -> float:
+    """Attention length (sum l^2 / sum l) of sequences cropped as the loader crops them."""
+    return attention_length((lengths.clip(upper_bound=max_residues) + 2).to_list())
 
 
 def main() -> None:
@@ -58,7 +47,7 @@ def main() -> None:
                     help="peak dense TFLOP/s of all ranks together, for MFU (e.g. 989 per H100 "
                          "in bf16)")
     args = ap.parse_args()
-    seq_len = effective_length(args.data)
+    lengths = pl.read_parquet(args.data / "sequences.parquet", columns=["length"])["length"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ESM2_PROGRESS": "0"}
     if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator (gloo); GPUs: its default
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -76,8 +65,11 @@ def main() -> None:
         rates = [r["tokens_per_s"] for r in rows[3:] if "val_loss" not in r]
         rate = statistics.median(rates)
         step = statistics.median(r["tokens"] / r["tokens_per_s"] for r in rows[3:])
-        flops = rate * training_flops_per_token(model_config(config), seq_len)
-        util = f"{flops / (args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "-"
+        cfg = load_train_config(config)
+        per_token = training_flops_per_token(
+            cfg.model.build(), effective_length(lengths, cfg.data.max_residues))
+        flops = rate * per_token
+        util = f"{mfu(rate, per_token, args.peak_tflops * 1e12):.1%}" if args.peak_tflops else "-"
         print(f"{config.stem:<12}{args.nproc:>6}{rate:>12,.0f}{flops / 1e9:>10.1f}{util:>7}"
               f"{step:>9.2f}"
               f"{rows[0]['loss']:>10.3f} -> {rows[-1]['loss']:.3f}", flush=True)

@@ -13,7 +13,6 @@ import yaml
 
 from tests.helpers import REPO, run_notebook
 from training.config import load_train_config
-from training.model_config import ModelConfig
 
 CONFIG = {
     "model": {"preset": "tiny"},
@@ -137,5 +136,5 @@ def test_export_gathers_a_zero3_checkpoint(straight, tmp_path) -> None:
                          ids=lambda p: p.name)
 def test_shipped_training_configs_are_valid(path: Path) -> None:
     cfg = load_train_config(path)
-    model = ModelConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+    model = cfg.model.build()
     assert model.preset == cfg.model.preset and cfg.run.steps > 0

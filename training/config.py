@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from training.errors import UserError
+from training.model_config import ModelConfig
 
 
 class TrainConfigError(UserError, ValueError):
@@ -23,6 +24,10 @@ class _Section(BaseModel):
 class ModelSection(_Section):
     preset: str = "tiny"
     overrides: dict[str, Any] = {}  # ModelConfig fields (e.g. backend: te, token_dropout: false)
+
+    def build(self) -> ModelConfig:
+        """The ModelConfig this section describes (the preset with the overrides applied)."""
+        return ModelConfig.from_preset(self.preset, **self.overrides)
 
 
 class DataSection(_Section):

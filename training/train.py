@@ -26,7 +26,6 @@ from training.data import DataConfig, StreamPosition, make_loader, split_shards
 from training.errors import UserError
 from training.evaluate import model_forward, perplexity, validation_batches, validation_examples
 from training.model import build_model, mlm_loss
-from training.model_config import ModelConfig
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -107,7 +106,7 @@ class Trainer:
         )
         bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and cuda)
         torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
-        self.model_config = ModelConfig.from_preset(cfg.model.preset, **cfg.model.overrides)
+        self.model_config = cfg.model.build()
         model = build_model(self.model_config)
         optimizer = torch.optim.AdamW(
             param_groups(model, cfg.optim.weight_decay),
