@@ -170,8 +170,6 @@ def read_sequences(
     The first bad record raises :class:`InputFormatError` naming the file, record and line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputFormatError(f"{path}: no such file")
     rejector = _Rejector(path, "fail", IngestStats())
     for raw in iter_raw_records(path, chunk_bytes):
         clean = _clean(raw, rejector)
@@ -321,13 +319,12 @@ def ingest(
     with scratch_dir(out, "ingest") as tmp:
         # One partition: keep the chunk frames (as much memory as reading it back would take).
         frames: list[pl.DataFrame] | None = [] if n_buckets == 1 else None
-        seq_buckets = BucketWriter(tmp, "seq", n_buckets)
-        acc_buckets = BucketWriter(tmp, "acc", n_buckets)
         seq_bucket = (
             pl.col("seq_hash").str.slice(0, 6).str.to_integer(base=16) * n_buckets // (1 << 24)
         )
         acc_bucket = pl.col("accession").hash(seed=0) % n_buckets
-        try:
+        with (BucketWriter(tmp, "seq", n_buckets) as seq_buckets,
+              BucketWriter(tmp, "acc", n_buckets) as acc_buckets):
             for source, path in enumerate(sources):
                 rejector = _Rejector(path, on_error, stats)
                 counts = {"file": path.name, "records": 0, "residues": 0}
@@ -343,9 +340,8 @@ def ingest(
                             acc_buckets.write(df.select(ACC_COLUMNS), acc_bucket)
                         bar.update(len(raw))
                 stats.inputs.append(counts)
-        finally:
-            seq_paths: list[Path | pl.DataFrame | None] = seq_buckets.close()
-            acc_paths: list[Path | pl.DataFrame | None] = acc_buckets.close()
+        seq_paths: list[Path | pl.DataFrame | None] = seq_buckets.close()  # closed: the paths
+        acc_paths: list[Path | pl.DataFrame | None] = acc_buckets.close()
         if frames is not None:
             frames = [f for f in frames if not f.is_empty()]
             seq_paths = acc_paths = [pl.concat(frames, rechunk=False) if frames else None]

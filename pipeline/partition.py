@@ -26,7 +26,6 @@ class BucketWriter:
         self.depth = depth
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{prefix}-writer")
         self._pending: deque[Future[None]] = deque()
-        self._closed: list[Path | None] | None = None
 
     def __enter__(self) -> BucketWriter:
         return self
@@ -61,9 +60,10 @@ class BucketWriter:
             self.writers[i].write_table(table)
 
     def close(self) -> list[Path | None]:
-        """Finish the queued writes and close every partition; paths (None: empty partition)."""
-        if self._closed is not None:
-            return self._closed
+        """Finish the queued writes and close every partition; paths (None: empty partition).
+
+        Idempotent: after the first call it only returns the paths again.
+        """
         error: BaseException | None = None
         while self._pending:
             try:
@@ -76,7 +76,6 @@ class BucketWriter:
             if writer is not None:
                 writer.close()
             out.append(path if writer is not None else None)
-        self._closed = out
         if error is not None:
             raise error
         return out
