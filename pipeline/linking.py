@@ -26,12 +26,12 @@ from pipeline.mmseqs import MMseqs
 
 
 def row_clusters(out: Path) -> pl.DataFrame:
-    """(row, rep50) for every row of sequences.parquet."""
+    """(row, accession, rep90, rep50) for every row of sequences.parquet, in row order."""
     seqs = pl.read_parquet(out / "sequences.parquet", columns=["accession"]).with_row_index("row")
-    clusters = pl.read_parquet(out / "clusters.parquet", columns=["accession", "rep50"])
+    clusters = pl.read_parquet(out / "clusters.parquet", columns=["accession", "rep90", "rep50"])
     return seqs.join(clusters, on="accession", how="left").select(
-        pl.col("row").cast(pl.Int64), "rep50"
-    )
+        pl.col("row").cast(pl.Int64), "accession", "rep90", "rep50"
+    ).sort("row")
 
 
 def components(reps: pl.Series, edges: pl.DataFrame) -> pl.DataFrame:
@@ -56,10 +56,10 @@ def components(reps: pl.Series, edges: pl.DataFrame) -> pl.DataFrame:
     return pl.DataFrame({"rep50": names, "group": names[first[labels]]})
 
 
-def _is_representative(accessions: pl.DataFrame, ids: pl.Series, prefix: str) -> np.ndarray:
-    """Mask over sequences.parquet rows: is the row's accession one of the cluster ``ids``?"""
-    wanted = ids.str.strip_prefix(prefix).implode()
-    return accessions.get_column("accession").is_in(wanted).to_numpy()
+def _is_representative(rows: pl.DataFrame, level: int) -> np.ndarray:
+    """Mask in row order: is the row the representative of its UniRef``level`` cluster?"""
+    own_rep = pl.col(f"rep{level}").str.strip_prefix(f"UniRef{level}_")
+    return rows.select((pl.col("accession") == own_rep).fill_null(False)).to_series().to_numpy()
 
 
 def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None) -> tuple[
@@ -70,12 +70,8 @@ def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None)
     reps = rows.get_column("rep50").unique()
     if cfg.link_identity is None:
         return pl.DataFrame({"rep50": reps.sort(), "group": reps.sort()}), 0
-    accessions = pl.read_parquet(out / "sequences.parquet", columns=["accession"])
-    is_rep = _is_representative(accessions, reps, "UniRef50_")
-    is_query = None
-    if cfg.link_queries == "uniref90":
-        rep90 = pl.read_parquet(out / "clusters.parquet", columns=["rep90"]).get_column("rep90")
-        is_query = _is_representative(accessions, rep90.unique(), "UniRef90_")
+    is_rep = _is_representative(rows, 50)
+    is_query = _is_representative(rows, 90) if cfg.link_queries == "uniref90" else None
     mm = MMseqs.create(mmseqs, threads, out / "logs" / "split.mmseqs.log")
     mm.log.write_text(f"mmseqs {mm.version}\n", encoding="utf-8")
     with scratch_dir(out, "split") as tmp:
@@ -87,9 +83,10 @@ def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None)
             "--min-seq-id", str(cfg.link_identity), "--alignment-mode", "3", "-e", "1e-3",
             "--max-seqs", str(cfg.link_max_seqs),
         )
+    row_rep50 = rows.select("row", "rep50")
     edges = (
-        hits.join(rows.rename({"row": "query", "rep50": "a"}), on="query")
-        .join(rows.rename({"row": "target", "rep50": "b"}), on="target")
+        hits.join(row_rep50.rename({"row": "query", "rep50": "a"}), on="query")
+        .join(row_rep50.rename({"row": "target", "rep50": "b"}), on="target")
         .filter(pl.col("a") != pl.col("b"))
         .select("a", "b")
         .unique()
