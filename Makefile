@@ -4,7 +4,9 @@ VENV ?= .venv
 CONFIG ?= config/sample.yaml
 CORES ?= 2
 
-.PHONY: demo test lint bootstrap clean
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint bootstrap clean reference-manifest
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -13,7 +15,13 @@ demo: bootstrap
 	$(VENV)/bin/snakemake --cores $(CORES) --configfile $(CONFIG) --rerun-incomplete all train
 
 test: bootstrap
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# Refresh the committed reference manifest (data_manifests/sample.json) after a change that
+# alters the sample build's bytes; the demo itself writes its manifest to builds/sample.json.
+reference-manifest: bootstrap
+	$(VENV)/bin/snakemake --cores $(CORES) --configfile config/sample.yaml --rerun-incomplete all
+	cp builds/sample.json data_manifests/sample.json
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .

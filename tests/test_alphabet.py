@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.ingest import read_sequences
+from tests.helpers import real_sequences, shared_file
 from training import alphabet
-from training.reference_sequences import REFERENCE_SEQUENCES
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 ESM_ORDER = [
     "<cls>", "<pad>", "<eos>", "<unk>",
@@ -20,14 +17,6 @@ ESM_ORDER = [
     "W", "C", "X", "B", "U", "Z", "O", ".", "-",
     "<null_1>", "<mask>",
 ]  # fmt: skip
-
-
-def real_sequences(limit: int = 60) -> list[str]:
-    """Real sequences: the shared data when present, else the hard-coded reference set."""
-    path = DATA / "mmseqs2_examples_query.fasta.gz"
-    if path.is_file():
-        return [seq for _, seq in itertools.islice(read_sequences(path), limit)]
-    return [seq for _, seq in REFERENCE_SEQUENCES]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +45,13 @@ def test_tokens_are_the_33_esm_tokens_in_order() -> None:
 
 
 def test_ids_equal_esm_tokenizer_on_real_sequences(hf_tokenizer) -> None:
-    sequences = real_sequences()
-    assert len(sequences) >= 8
+    for seq in real_sequences(max_len=2000):
+        assert alphabet.encode(seq) == hf_tokenizer(seq)["input_ids"], seq[:30]
+
+
+def test_ids_equal_esm_tokenizer_on_every_shared_query(hf_tokenizer) -> None:
+    sequences = [seq for _, seq in read_sequences(shared_file("mmseqs2_examples_query.fasta.gz"))]
+    assert len(sequences) >= 60
     for seq in sequences:
         assert alphabet.encode(seq) == hf_tokenizer(seq)["input_ids"], seq[:30]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
-from pipeline.ingest import read_sequences
+from tests.helpers import real_sequences as _real_sequences
 from training import alphabet
 from training.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
 from training.cli import main
@@ -26,9 +25,7 @@ from training.convert import (
     state_dict_from_hf,
 )
 from training.model import ModelConfig, build_model
-from training.reference_sequences import REFERENCE_SEQUENCES
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {
@@ -78,13 +75,8 @@ def random_hf_model(seed: int = 0, **overrides) -> EsmForMaskedLM:
 
 
 def real_sequences(limit: int = 8, max_len: int = 300) -> list[str]:
-    """Real sequences (shared data when present, else the hard-coded reference set)."""
-    path = DATA / "mmseqs2_examples_db.fasta.gz"
-    if path.is_file():
-        seqs = (seq for _, seq in read_sequences(path))
-    else:
-        seqs = (seq for _, seq in REFERENCE_SEQUENCES)
-    return [seq[:max_len] for seq in itertools.islice(seqs, limit)]
+    """Real sequences (the MMseqs2 example database when present, else the reference set)."""
+    return _real_sequences(limit, max_len, name="mmseqs2_examples_db.fasta.gz")
 
 
 def masked_batch(sequences: list[str]) -> dict[str, torch.Tensor]:

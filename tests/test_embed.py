@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import itertools
 from pathlib import Path
 
 import numpy as np
@@ -14,24 +13,13 @@ from transformers import EsmConfig, EsmForMaskedLM
 
 from pipeline.errors import InputFormatError
 from pipeline.ingest import read_sequences
+from tests.helpers import real_records, shared_file
 from training import alphabet
 from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.convert import import_hf
 from training.embed import EmbedError, EmbedOptions, embed_fasta, resolve_layers, window_starts
 from training.reference_sequences import REFERENCE_SEQUENCES
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def real_records(limit: int = 8, max_len: int = 260) -> list[tuple[str, str]]:
-    """Real (id, sequence) records: the shared data when present, else the reference set."""
-    path = DATA / "mmseqs2_examples_query.fasta.gz"
-    if path.is_file():
-        records = read_sequences(path)
-    else:
-        records = ((h.split()[0], s) for h, s in REFERENCE_SEQUENCES)
-    return [(rid, seq[:max_len]) for rid, seq in itertools.islice(records, limit)]
 
 
 def write_fasta(path: Path, records: list[tuple[str, str]], gz: bool = False) -> Path:
@@ -86,7 +74,7 @@ def hf_hidden(hf: EsmForMaskedLM, sequence: str, layer: int) -> np.ndarray:
 
 def test_store_values_equal_model_and_hf_hidden_states(tmp_path: Path, hf_and_checkpoint) -> None:
     hf, _, checkpoint = hf_and_checkpoint
-    records = real_records()
+    records = real_records(8, 260)
     fasta = write_fasta(tmp_path / "in.fasta.gz", records, gz=True)
     model = load_checkpoint(checkpoint)
     # Small batches and blocks: several batches per block, several blocks per file.
@@ -119,7 +107,8 @@ def test_store_values_equal_model_and_hf_hidden_states(tmp_path: Path, hf_and_ch
 def test_long_sequences_are_truncated_or_windowed(tmp_path: Path, hf_and_checkpoint) -> None:
     _, _, checkpoint = hf_and_checkpoint
     model = load_checkpoint(checkpoint)
-    records = [("short", real_records(1, 50)[0][1]), ("long", real_records(3, 150)[2][1])]
+    records = [("short", real_records(1, 50, min_len=50)[0][1]),
+               ("long", real_records(1, 150, min_len=150)[0][1])]
     assert len(records[1][1]) == 150
     fasta = write_fasta(tmp_path / "in.fasta", records)
 
@@ -270,9 +259,7 @@ def test_layer_and_window_helpers() -> None:
 
 
 def test_embed_a_real_fasta_file(tmp_path: Path, hf_and_checkpoint) -> None:
-    path = DATA / "openfold_msa_uniref90_hits.fasta.gz"
-    if not path.is_file():
-        pytest.skip(f"real data not available at {DATA} (../shared/data next to the repository)")
+    path = shared_file("openfold_msa_uniref90_hits.fasta.gz")
     hf, _, checkpoint = hf_and_checkpoint
     model = load_checkpoint(checkpoint)
     summary = embed_fasta(model, path, tmp_path / "o.zarr", EmbedOptions(progress=False))

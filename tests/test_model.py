@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.ingest import read_sequences
+from tests.helpers import real_sequences
 from training import alphabet
 from training.layout import build_layout, pack_token_lists, plan_buckets
 from training.model import ESM2, ModelConfig, build_model, count_parameters, mlm_loss
 from training.model_config import PRESETS, ConfigError
-from training.reference_sequences import REFERENCE_SEQUENCES
 from training.te_backend import (
     BackendUnavailableError,
     fp8_padding,
     rename_from_te,
     rename_to_te,
 )
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def real_sequences(limit: int = 12, max_len: int = 300) -> list[str]:
-    """Real sequences: the shared data when present, else the hard-coded reference set."""
-    path = DATA / "mmseqs2_examples_query.fasta.gz"
-    if path.is_file():
-        seqs = (seq for _, seq in read_sequences(path))
-    else:
-        seqs = (seq for _, seq in REFERENCE_SEQUENCES)
-    return [seq[:max_len] for seq in itertools.islice(seqs, limit)]
 
 
 def random_model(seed: int = 0, **overrides) -> ESM2:
@@ -149,7 +135,7 @@ def test_rotary_frequencies_stay_float32_in_bf16() -> None:
 
 def test_packed_and_padded_give_the_same_logits_and_hidden_states() -> None:
     model = random_model()
-    token_lists = with_masks(real_sequences(10))
+    token_lists = with_masks(real_sequences(8))
     input_ids, attention_mask = alphabet.pad_token_lists(token_lists)
     with torch.no_grad():
         padded = model(input_ids, attention_mask=attention_mask, output_hidden_states=True)
