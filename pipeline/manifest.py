@@ -22,7 +22,7 @@ STAGE_STATS = ("ingest", "cluster", "split", "leakage", "shards", "validation")
 # Every output a build leaves, relative to out_dir (globs for the shard sets).
 OUTPUT_PATTERNS = (
     "sequences.parquet", "records.parquet", "clusters.parquet", "splits.parquet",
-    "shards/*/index.json", "shards/*/*.tar", "validation/*", "stats/*.json",
+    "shards/*/index.json", "shards/*/*.tar", "shards/*/*.npy", "validation/*", "stats/*.json",
 )
 _REPO = Path(__file__).resolve().parents[1]
 

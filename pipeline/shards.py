@@ -4,6 +4,11 @@ Shard contract (see DESIGN.md), owned here:
 
 * ``<out>/shards/<split>/<split>-%06d.tar`` plus ``<out>/shards/<split>/index.json`` listing each
   shard's sample, UniRef90-member and residue counts and sha256.
+* Beside them, three NumPy arrays over the split's samples in shard order (sample ``i`` of the
+  split is sample ``i - start`` of the shard that holds it), so a reader can plan batches and
+  seek samples without reading the shards: ``keys.npy`` (uint64 :func:`cluster_hash` of each
+  cluster id), ``member_offsets.npy`` (int64, samples + 1) and ``member_lengths.npy`` (int32,
+  the residues of every UniRef90 member, aligned with each sample's ``members``).
 * One sample per UniRef50 cluster. ``__key__`` is the cluster id (``.`` and ``%`` are
   percent-encoded, since WebDataset splits keys at dots); the one field, ``cluster.json``, holds
   ``cluster`` (the UniRef50 id), ``uniprot_entries`` (UniProt records in the cluster),
@@ -24,11 +29,13 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 import webdataset as wds
@@ -43,8 +50,15 @@ from pipeline.progress import progress_bar
 SPLITS = ("train", "valid", "test")
 FIELD = "cluster.json"
 INDEX = "index.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: keys.npy, member_offsets.npy and member_lengths.npy beside the tars
+ARRAYS = {"keys": ("keys.npy", np.uint64), "member_offsets": ("member_offsets.npy", np.int64),
+          "member_lengths": ("member_lengths.npy", np.int32)}
 _BATCH = 65_536
+
+
+def cluster_hash(cluster_id: str) -> int:
+    """The 64-bit hash of a cluster id (``keys.npy``; seeds a cluster's random choices)."""
+    return int.from_bytes(hashlib.blake2b(cluster_id.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)
@@ -128,6 +142,111 @@ def shard_paths(split_dir: str | Path) -> list[Path]:
     return [Path(split_dir) / s["file"] for s in index["shards"]]
 
 
+class SplitIndex:
+    """One split's shard list and per-sample arrays (memory-mapped): sample ``i`` of the split
+    is found with :meth:`locate` without reading any shard."""
+
+    def __init__(self, split_dir: str | Path) -> None:
+        self.dir = Path(split_dir)
+        index = read_index(self.dir)
+        if index.get("schema_version", 1) < 2 or "arrays" not in index:
+            raise PipelineError(f"{self.dir / INDEX}: shards from an older version (no per-sample "
+                                "arrays): rerun 'esm2-data shards' on the build")
+        self.shards: list[dict] = index["shards"]
+        counts = np.asarray([s["samples"] for s in self.shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)])
+        arrays = {}
+        for name, (_, dtype) in ARRAYS.items():
+            path = self.dir / index["arrays"][name]
+            try:
+                arrays[name] = np.load(path, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise PipelineError(f"{path}: cannot read the {name} array ({exc})") from None
+            if arrays[name].dtype != dtype:
+                raise PipelineError(f"{path}: dtype {arrays[name].dtype}, not {np.dtype(dtype)}")
+        self.keys, self.offsets, self.lengths = (
+            arrays["keys"], arrays["member_offsets"], arrays["member_lengths"])
+        n = int(self.starts[-1])
+        if (len(self.keys), len(self.offsets), len(self.lengths)) != (n, n + 1, self.offsets[-1]):
+            raise PipelineError(f"{self.dir}: index.json and the per-sample arrays disagree "
+                                "(rerun 'esm2-data shards')")
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def member_counts(self, indices: np.ndarray) -> np.ndarray:
+        return self.offsets[indices + 1] - self.offsets[indices]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard number, sample number inside that shard) of split sample ``index``."""
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return shard, index - int(self.starts[shard])
+
+
+class ShardReader:
+    """Random access to a split's samples by index (WebDataset's ``wids`` indexed tar reader).
+
+    ``local_shard(name)`` gives the local path of a shard file (a remote build's cache fetches it
+    there); the last ``open_shards`` shards stay open. Every sample's key is checked against
+    ``keys.npy``; a damaged shard is a :class:`PipelineError` naming the shard and the sample.
+    """
+
+    def __init__(self, index: SplitIndex, local_shard: Callable[[str], Path] | None = None,
+                 open_shards: int = 16) -> None:
+        self.index = index
+        self.local_shard = local_shard or (lambda name: index.dir / name)
+        self.open_shards = open_shards
+        self._open: OrderedDict[int, object] = OrderedDict()
+
+    def _shard(self, number: int):
+        from wids.wids import IndexedTarSamples
+
+        if number in self._open:
+            self._open.move_to_end(number)
+            return self._open[number]
+        meta = self.index.shards[number]
+        path = self.local_shard(meta["file"])
+        try:
+            tar = IndexedTarSamples(path=str(path))
+        except FileNotFoundError:
+            raise PipelineError(f"{path}: shard missing") from None
+        except Exception as exc:  # wids raises plain errors on a damaged tar
+            raise PipelineError(f"{path}: not a readable tar shard ({type(exc).__name__}: "
+                                f"{exc})") from None
+        if len(tar) != meta["samples"]:
+            tar.close()
+            raise PipelineError(f"{path}: {len(tar)} samples, index.json says {meta['samples']} "
+                                "(damaged shard)")
+        self._open[number] = tar
+        while len(self._open) > self.open_shards:
+            self._open.popitem(last=False)[1].close()
+        return tar
+
+    def read(self, index: int) -> ClusterSample:
+        """Split sample ``index`` as a :class:`ClusterSample`."""
+        number, inner = self.index.locate(index)
+        tar = self._shard(number)
+        where = tar.path  # the shard's local path, named by every error below
+        try:
+            raw = tar[inner]
+            key = decode_key(raw["__key__"])
+            sample = decode_sample({"__key__": key, FIELD: raw["." + FIELD].read()})
+        except PipelineError:
+            raise
+        except Exception as exc:  # a damaged member: bad UTF-8, JSON, fields
+            key = locals().get("key", f"#{inner}")
+            raise PipelineError(f"{where}: sample {key}: damaged ({type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:200]})") from None
+        if sample.cluster != key or cluster_hash(key) != int(self.index.keys[index]):
+            raise PipelineError(f"{where}: sample {key}: not the sample keys.npy expects at "
+                                f"split index {index} (damaged shard or stale arrays)")
+        return sample
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
 def order_key(seed: int, cluster_id: str) -> str:
     """The seeded cluster-order hash (hex, 16 chars)."""
     return hashlib.blake2b(f"{seed}:{cluster_id}".encode(), digest_size=8).hexdigest()
@@ -143,6 +262,10 @@ class ShardWriter:
         self._buf: io.BytesIO | None = None
         self._tar: wds.TarWriter | None = None
         self._size = 0
+        self._arrays = {name: _ArrayWriter(self.dir / file, dtype)
+                        for name, (file, dtype) in ARRAYS.items()}
+        self._arrays["member_offsets"].append([0])
+        self._members = 0
 
     def _open(self) -> None:
         self._buf = io.BytesIO()
@@ -166,6 +289,10 @@ class ShardWriter:
         meta["uniref90_members"] += sample.uniref90_count
         meta["uniprot_entries"] += sample.uniprot_entries
         meta["residues"] += sum(len(s) for s in sample.sequences)
+        self._members += sample.uniref90_count
+        self._arrays["keys"].append([cluster_hash(sample.cluster)])
+        self._arrays["member_offsets"].append([self._members])
+        self._arrays["member_lengths"].append([len(s) for s in sample.sequences])
 
     def _close(self) -> None:
         self._tar.close()
@@ -181,10 +308,50 @@ class ShardWriter:
             self._close()
         totals = {k: sum(s[k] for s in self.shards) for k in
                   ("samples", "uniref90_members", "uniprot_entries", "residues", "bytes")}
+        arrays = {name: writer.finish() for name, writer in self._arrays.items()}
         index = {"schema_version": SCHEMA_VERSION, "split": self.split, "field": FIELD,
-                 "shards": self.shards, "totals": {**totals, "shards": len(self.shards)}}
+                 "shards": self.shards, "arrays": arrays,
+                 "totals": {**totals, "shards": len(self.shards)}}
         (self.dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         return index
+
+
+class _ArrayWriter:
+    """A 1-d ``.npy`` file appended to in chunks (memory bounded by the chunk, not the split)."""
+
+    _CHUNK = 1 << 20
+
+    def __init__(self, path: Path, dtype: type) -> None:
+        self.path, self.dtype = path, np.dtype(dtype)
+        self._raw = path.with_name(path.name + ".raw")
+        self._fh = open(self._raw, "wb")  # noqa: SIM115 (closed in finish)
+        self._pending: list[int] = []
+        self.count = 0
+
+    def append(self, values: Iterable[int]) -> None:
+        self._pending.extend(values)
+        if len(self._pending) >= self._CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._fh.write(np.asarray(self._pending, dtype=self.dtype).tobytes())
+        self.count += len(self._pending)
+        self._pending = []
+
+    def finish(self) -> str:
+        """Write ``path`` (a standard .npy file) and return its name."""
+        self._flush()
+        self._fh.close()
+        out = np.lib.format.open_memmap(self.path, mode="w+", dtype=self.dtype,
+                                        shape=(self.count,))
+        with open(self._raw, "rb") as fh:
+            for start in range(0, self.count, self._CHUNK):
+                chunk = np.frombuffer(fh.read(self._CHUNK * self.dtype.itemsize), self.dtype)
+                out[start : start + len(chunk)] = chunk
+        out.flush()
+        del out
+        self._raw.unlink()
+        return self.path.name
 
 
 def _uniref90_rows(out: Path, tmp: Path, n_buckets: int) -> list[Path | None]:

@@ -16,9 +16,10 @@ import polars as pl
 from pipeline.atomic import atomic_dir, write_text_atomic
 from pipeline.config import ValidationConfig
 from pipeline.errors import PipelineError
-from pipeline.shards import ClusterSample, ShardWriter, order_key
+from pipeline.shards import ARRAYS, ClusterSample, ShardWriter, order_key
 
-FILES = ("validation.fasta", "validation.parquet", "validation-000000.tar", "index.json")
+FILES = ("validation.fasta", "validation.parquet", "validation-000000.tar", "index.json",
+         *(file for file, _ in ARRAYS.values()))
 
 
 def select_validation(out: Path, cfg: ValidationConfig, seed: int) -> tuple[pl.DataFrame, int]:
