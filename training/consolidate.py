@@ -12,20 +12,7 @@ from training.checkpoint import save_checkpoint
 from training.errors import UserError
 from training.model import build_model
 from training.model_config import ModelConfig
-from training.train import CHECKPOINTS
-
-
-def locate(path: str | os.PathLike[str]) -> tuple[Path, str] | None:
-    """(checkpoints dir, tag) for a run dir, its ``checkpoints/`` or one ``stepNNNNNNNN`` dir;
-    None when ``path`` is not a DeepSpeed checkpoint."""
-    p = Path(path)
-    if (p / CHECKPOINTS / "latest").is_file():
-        p = p / CHECKPOINTS
-    if (p / "latest").is_file():
-        return p, (p / "latest").read_text().strip()
-    if p.name.startswith("step") and (p.parent / "config.json").is_file():
-        return p.parent, p.name
-    return None
+from training.run_dir import RunDir
 
 
 def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str],
@@ -33,13 +20,14 @@ def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str],
     """Write the full fp32 weights of a ZeRO checkpoint as our checkpoint directory ``out``."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    found = locate(path)
+    found = RunDir.locate(path)
     if found is None:
-        raise UserError(f"{path}: not a DeepSpeed training checkpoint (no 'latest' file)")
-    ckpt_dir, tag = found
-    if not (ckpt_dir / tag).is_dir():
-        raise UserError(f"{ckpt_dir / tag}: checkpoint not found")
-    cfg = ModelConfig.from_dict(json.loads((ckpt_dir / "config.json").read_text())["model"])
+        raise UserError(f"{path}: not a training run or checkpoint (no complete checkpoint)")
+    run, tag = found
+    ckpt_dir = run.checkpoints
+    if not run.is_complete(tag):
+        raise UserError(f"{run.step_dir(tag)}: not a complete checkpoint")
+    cfg = ModelConfig.from_dict(json.loads(run.config.read_text())["model"])
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
     with torch.device("meta"):
         keys = set(build_model(cfg).state_dict())
