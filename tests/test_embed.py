@@ -159,9 +159,23 @@ def test_default_limit_is_1022_residues(tmp_path: Path, hf_and_checkpoint) -> No
     summary = embed_fasta(model, fasta, tmp_path / "o.zarr", EmbedOptions(progress=False))
     assert summary.truncated == 1 and summary.total_residues == 1022
     store = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")
+    assert store["lengths"][:].tolist() == [1172]  # the input's length ...
+    assert store["embedded_lengths"][:].tolist() == [1022]  # ... and the rows stored for it
     np.testing.assert_allclose(
         store["layer_2/per_residue"][:], direct_hidden(model, sequence[:1022], 2), atol=1e-5
     )
+
+
+def test_cli_warns_once_beyond_the_trained_positions(tmp_path: Path, hf_and_checkpoint,
+                                                     capsys) -> None:
+    _, _, checkpoint = hf_and_checkpoint
+    fasta = write_fasta(tmp_path / "in.fasta", real_records(2, 120))
+    args = ["embed", "--checkpoint", str(checkpoint), "--fasta", str(fasta), "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "a.zarr"), "--max-residues", "5000"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "--max-residues 5000" in warnings[0] and "1024" in warnings[0]
+    assert main([*args, "--out", str(tmp_path / "b.zarr")]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_cli_embed_from_hf_directory_and_errors(tmp_path: Path, hf_and_checkpoint, capsys) -> None:

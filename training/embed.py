@@ -4,6 +4,8 @@ Store layout (``N`` sequences, ``R`` embedded residues in all, ``H`` hidden size
 
     ids                    [N] str      record ids (first word of the header), FASTA order
     lengths                [N] int64    residues in the FASTA record
+    embedded_lengths       [N] int64    rows of sequence i in per_residue (< lengths[i] when
+                                        the sequence was truncated to max_residues)
     offsets                [N+1] int64  sequence i is per_residue[offsets[i]:offsets[i+1]]
     layer_<L>/per_residue  [R, H] float32, ragged: sequences concatenated, no <cls>/<eos>
     layer_<L>/mean         [N, H] float32, mean over the embedded residues
@@ -199,7 +201,7 @@ def embed_fasta(
         raise EmbedError(f"{fasta} has no FASTA records")
     lengths_arr = np.asarray(lengths, dtype=np.int64)
     long = lengths_arr > options.max_residues
-    embedded = np.where(long & (window is None), options.max_residues, lengths_arr)
+    embedded = np.where(long & (window is None), options.max_residues, lengths_arr).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(embedded)]).astype(np.int64)
     total = int(offsets[-1])
     truncated = int(long.sum()) if window is None else 0
@@ -233,7 +235,8 @@ def embed_fasta(
             "ids", shape=(len(ids),), dtype=str, chunks=(min(len(ids), 65536),)
         )
         id_array[:] = np.asarray(ids)
-        for name, values in (("lengths", lengths_arr), ("offsets", offsets)):
+        for name, values in (("lengths", lengths_arr), ("embedded_lengths", embedded),
+                             ("offsets", offsets)):
             arr = root.create_array(
                 name, shape=values.shape, dtype="int64", chunks=(min(len(values), 65536),)
             )
