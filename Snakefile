@@ -35,7 +35,6 @@ MANIFEST = Path(CFG.manifest_dir) / f"{CFG.build}.json"
 TRAIN_CONFIG = Path(CFG.train.config)
 RUN = Path(CFG.train.run_dir or f"runs/{CFG.build}-{TRAIN_CONFIG.stem}")
 ESM2_TRAIN = f"{sys.executable} -m training.cli"
-TORCHRUN = f"{sys.executable} -m torch.distributed.run --nproc_per_node {CFG.train.nproc}"
 
 
 rule all:
@@ -170,8 +169,9 @@ rule train_run:
         RUN / "logs" / "train.log",
     threads: CFG.train.nproc
     shell:
-        "DS_ACCELERATOR=${{DS_ACCELERATOR:-cpu}} OMP_NUM_THREADS=1 {TORCHRUN} -m training.cli "
-        "train --config {input.config} --data {OUT} --out {RUN} --resume 2>&1 | tee {log}"
+        "DS_ACCELERATOR=${{DS_ACCELERATOR:-cpu}} OMP_NUM_THREADS=1 {ESM2_TRAIN} train "
+        "--config {input.config} --data {OUT} --out {RUN} --resume-or-start "
+        "--nproc-per-node {CFG.train.nproc} 2>&1 | tee {log}"
 
 
 rule evaluate:
@@ -182,7 +182,7 @@ rule evaluate:
     log:
         RUN / "logs" / "evaluate.log",
     shell:
-        "{ESM2_TRAIN} evaluate --checkpoint {RUN}/final --data {OUT} --out {output} "
+        "{ESM2_TRAIN} evaluate --checkpoint {RUN} --out {output} "
         "2>&1 | tee {log}"
 
 

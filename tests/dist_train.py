@@ -1,4 +1,7 @@
-"""Run by tests under torchrun: trains, then writes each rank's history and partition sizes."""
+"""Run by tests under torchrun: trains, then writes each rank's history and partition sizes.
+
+Usage: dist_train.py CONFIG DATA OUT STEPS {fresh|resume|overwrite}
+"""
 
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ from training.train import run_training
 
 
 def main() -> None:
-    config, data, out, steps, resume = sys.argv[1:6]
+    config, data, out, steps, mode = sys.argv[1:6]
     cfg = load_train_config(config)
     cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"steps": int(steps)})})
-    trainer, history = run_training(cfg, Path(data), Path(out), resume == "resume",
-                                    progress=False)
+    trainer, history = run_training(cfg, data, Path(out), "yes" if mode == "resume" else "no",
+                                    overwrite=mode == "overwrite", progress=False,
+                                    trace_clusters=True)
     partitions = {
         name: [int(p.ds_numel), int(p.ds_tensor.numel())]
         for name, p in trainer.engine.module.named_parameters() if hasattr(p, "ds_numel")

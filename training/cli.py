@@ -8,8 +8,11 @@ Expected errors (missing files, bad configs, bad input) print one line
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -42,10 +45,11 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from training.consolidate import consolidate, locate
+    from training.consolidate import consolidate
     from training.convert import export_hf
+    from training.run_dir import RunDir
 
-    if locate(args.checkpoint) is None:
+    if RunDir.locate(args.checkpoint) is None:
         out = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
     else:  # a ZeRO checkpoint of a run: gather the partitions first
         with tempfile.TemporaryDirectory() as tmp:
@@ -63,6 +67,11 @@ def _cmd_embed(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = _device(args.device)
     model = load_any_model(args.checkpoint, device=device, backend=args.backend)
+    trained = model.config.max_position_embeddings - 2
+    if args.max_residues > trained:  # (a window is at most --max-residues)
+        print(f"{PROG}: warning: --max-residues {args.max_residues} is beyond the {trained} "
+              "residues per sequence the model was trained on; longer inputs are extrapolated",
+              file=sys.stderr)
     if args.bf16:
         model.to(torch.bfloat16)
     options = EmbedOptions(
@@ -84,41 +93,93 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``esm2-train train --nproc-per-node N``: check what every rank would check, once, then
+    start N ranks with torchrun's machinery on this machine."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
+    from pipeline.shards import SplitIndex
+    from training.build_source import BuildSource
+    from training.config import load_train_config
+    from training.run_dir import RunDir
+
+    load_train_config(args.config)
+    train = SplitIndex(BuildSource(args.data, args.cache_dir).split_dir("train"))
+    if len(train) < args.nproc_per_node:
+        raise UserError(f"{args.data}: the train split has {len(train)} UniRef50 clusters, fewer "
+                        f"than the {args.nproc_per_node} ranks")
+    run_dir = RunDir(Path(args.out))
+    if args.resume and run_dir.latest() is None:
+        raise UserError(f"{run_dir.root}: no complete checkpoint to resume from (drop --resume to "
+                        "start a new run, or use --resume-or-start)")
+    if not (args.resume or args.resume_or_start or args.overwrite) and run_dir.in_use():
+        raise UserError(f"{run_dir.root}: already holds a training run "
+                        f"({', '.join(run_dir.in_use())}); --resume continues it, --overwrite "
+                        "replaces it")
+    rest = list(argv)
+    at = next(i for i, a in enumerate(rest) if a.startswith("--nproc-per-node"))
+    del rest[at : at + (1 if "=" in rest[at] else 2)]
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        run(parse_args(["--standalone", "--nproc-per-node", str(args.nproc_per_node),
+                        "--module", "training.cli", *rest]))
+    except ChildFailedError as exc:  # the failing rank printed why; say who stopped, how
+        how = ", ".join(f"rank {rank} status {failure.exitcode}"
+                        for rank, failure in sorted(exc.failures.items()))
+        print(f"{PROG}: training stopped ({how})", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_train_config
     from training.train import run_training
 
+    if args.nproc_per_node and "RANK" not in os.environ:
+        return _launch(args, args.argv)
     cfg = load_train_config(args.config)
     if args.steps:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"steps": args.steps})})
-    trainer, history = run_training(cfg, Path(args.data), Path(args.out), args.resume,
-                                    progress=not args.no_progress)
+    resume = "auto" if args.resume_or_start else "yes" if args.resume else "no"
+    from training.build_source import BuildSource
+
+    trainer, history = run_training(cfg, BuildSource(args.data, args.cache_dir), Path(args.out),
+                                    resume, args.overwrite, progress=not args.no_progress)
     if trainer.rank == 0 and history:
         last = history[-1]
         val = f", validation perplexity {last['val_perplexity']:.3f}" if (
             "val_perplexity" in last) else ""
         print(f"step {last['step']}: loss {last['loss']:.4f}{val}; weights in {args.out}/final")
+    elif trainer.rank == 0:
+        print(f"{args.out}: already at step {trainer.step} of {cfg.run.steps}; nothing to do")
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from training.convert import load_any_model
-    from training.evaluate import evaluate_model
-    from training.train import split_shards_or_none
+    from training.evaluate import evaluate_model, evaluate_run
+    from training.run_dir import RunDir
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    shards = [Path(s) for s in args.shards] or split_shards_or_none(Path(args.data or "."))
-    if not shards:
-        raise UserError("evaluate: give --data BUILD_DIR (with validation/) or --shards FILES")
-    model = load_any_model(args.checkpoint, device=_device(args.device))
-    result = evaluate_model(model, shards, seed=args.seed, limit=args.limit)
-    result = {"checkpoint": str(args.checkpoint), "masking_seed": args.seed, **result}
+    device = _device(args.device)
+    if RunDir.locate(args.checkpoint) is not None:  # a run: its own data and settings
+        result = evaluate_run(args.checkpoint, args.data, device, args.cache_dir)
+    else:
+        from training.build_source import BuildSource
+
+        shards = [Path(s) for s in args.shards]
+        if not shards and args.data:
+            shard = BuildSource(args.data, args.cache_dir).validation_shard()
+            shards = [shard] if shard else []
+        if not shards:
+            raise UserError("evaluate: give --data BUILD (with validation/) or --shards FILES")
+        model = load_any_model(args.checkpoint, device=device)
+        result = evaluate_model(model, shards, seed=args.seed, limit=args.limit)
+        result = {"checkpoint": str(args.checkpoint), "masking_seed": args.seed, **result}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
@@ -130,20 +191,39 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``esm2-train``."""
     parser = argparse.ArgumentParser(prog=PROG, description="ESM-2 model tools.")
+    # the deepspeed launcher passes --local_rank=N before the subcommand; the rank comes from the
+    # environment (LOCAL_RANK) either way
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="DeepSpeed ZeRO-3 training (run under torchrun/deepspeed)")
     p.add_argument("--config", required=True, help="training config YAML (config/train/*.yaml)")
-    p.add_argument("--data", required=True, help="dataset build directory (with shards/)")
+    p.add_argument("--data", required=True, help="dataset build: a directory, or an http(s):// "
+                   "or object-store URL of one (fetched into --cache-dir)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue from the latest complete checkpoint (an error if none)")
+    how.add_argument("--resume-or-start", action="store_true",
+                     help="continue if there is a checkpoint, else start fresh (requeued jobs)")
+    how.add_argument("--overwrite", action="store_true",
+                     help="replace a previous run in --out (its checkpoints, metrics, final/)")
     p.add_argument("--steps", type=int, default=0, help="override run.steps")
+    p.add_argument("--nproc-per-node", type=int, default=0, metavar="N",
+                   help="start N ranks on this machine (torchrun's machinery, after checking the "
+                   "config, data and run directory once); omit under torchrun/deepspeed")
+    p.add_argument("--cache-dir", default=None, help="local cache of a remote build "
+                   "(default: $ESM2_CACHE or ~/.cache/esm2-pretrain)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="validation perplexity with fixed masking")
-    p.add_argument("--checkpoint", required=True, help="our checkpoint or a HuggingFace dir")
-    p.add_argument("--data", help="dataset build directory (uses validation/)")
+    p.add_argument("--checkpoint", required=True, help="a training run (its latest checkpoint, "
+                   "with the run's data and settings), checkpoints/stepN, our checkpoint or a "
+                   "HuggingFace dir")
+    p.add_argument("--data", help="dataset build (uses validation/); a run's own by default")
+    p.add_argument("--cache-dir", default=None, help="local cache of a remote build")
     p.add_argument("--shards", nargs="*", default=[], help="cluster shards to evaluate on")
     p.add_argument("--seed", type=int, default=12345, help="masking seed (fixed per report)")
     p.add_argument("--limit", type=int, default=0, help="at most this many sequences")
@@ -222,18 +302,62 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    """Whether an exception says a collective broke (a peer died, or the timeout passed)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc)
+    return any(k in text for k in ("gloo", "NCCL", "Connection closed", "Connection reset",
+                                   "timed out", "Timed out", "ProcessGroup"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``esm2-train``; returns the exit status."""
+    """Run ``esm2-train``; returns the exit status.
+
+    Under a launcher, an error that every rank meets alike (a bad config, a run directory in
+    use) is printed by rank 0 only; an error of one rank (a damaged shard) by that rank. A rank
+    that fails during training leaves at once (``os._exit``), without waiting in collectives or
+    exit handlers: the launcher then stops the others, and without a launcher their collectives
+    time out after ``run.dist_timeout_s``.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    quiet = False  # a rank that leaves the report of an error to another rank
+    args.argv = [a for a in argv if not a.startswith("--local_rank") and
+                 not a.startswith("--local-rank")]
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
         return args.func(args)
     except PipelineError as exc:  # UserError and the dataset side's errors
         message = " ".join(str(exc).split())  # always one line
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-        return 1
+        if getattr(exc, "silent", False):
+            quiet = True
+        elif not distributed or _rank() == 0 or getattr(exc, "rank_local", False):
+            where = f"rank {_rank()}: " if distributed and getattr(exc, "rank_local", False) else ""
+            print(f"{PROG}: error: {where}{message}", file=sys.stderr, flush=True)
+        else:
+            quiet = True
+        status = 1
+    except (torch.distributed.DistError, RuntimeError) as exc:
+        if not (distributed and _peer_failure(exc)):
+            raise
+        first = " ".join(str(exc).split())[:200]
+        print(f"{PROG}: rank {_rank()} stopped: a collective failed ({first}); another rank "
+              "failed or stalled: see its error", file=sys.stderr, flush=True)
+        status = 1
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
+        status = 130
+    if distributed:
+        sys.stdout.flush()
+        if quiet:  # let the reporting rank print before the launcher stops everyone
+            time.sleep(3)
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from training.data import DataConfig
 from training.errors import UserError
 from training.model_config import ModelConfig
 
@@ -35,8 +36,22 @@ class DataSection(_Section):
     max_residues: int = Field(1022, gt=0)
     tokens_per_batch: int = Field(16_384, gt=0)  # per micro-batch and rank
     packed: bool = True
-    sort_window: int = Field(256, gt=0)
+    sort_window: int = Field(256, gt=0)  # validation batching
+    shuffle_chunk: int = Field(4096, gt=0)  # consecutive clusters shuffled together
     num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _budget_holds_a_sequence(self) -> DataSection:
+        if self.tokens_per_batch < self.max_residues + 2:
+            raise ValueError(f"tokens_per_batch ({self.tokens_per_batch}) must hold one cropped "
+                             f"sequence: at least max_residues + 2 = {self.max_residues + 2}")
+        return self
+
+    def loader_config(self) -> DataConfig:
+        """The loader's view of this section."""
+        return DataConfig(seed=self.seed, max_residues=self.max_residues,
+                          tokens_per_batch=self.tokens_per_batch, sort_window=self.sort_window,
+                          packed=self.packed, shuffle_chunk=self.shuffle_chunk)
 
 
 class OptimSection(_Section):
@@ -54,7 +69,10 @@ class OptimSection(_Section):
 
 class RunSection(_Section):
     steps: int = Field(gt=0)  # optimiser steps
-    tokens_per_step: int = Field(0, ge=0)  # target tokens per step (all ranks); 0: one batch
+    # tokens of a global batch (all ranks together; the same clusters for any world size);
+    # 0: data.tokens_per_batch
+    tokens_per_step: int = Field(0, ge=0)
+    dist_timeout_s: float = Field(600.0, gt=0)  # a collective waiting longer fails the run
     log_every: int = Field(10, gt=0)
     eval_every: int = Field(0, ge=0)  # 0: only at the end
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
@@ -88,5 +106,6 @@ def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
         parts = []
         for e in err.errors():
             loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-            parts.append(f"{loc}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {'unknown key' if e['type'] == 'extra_forbidden' else msg}")
         raise TrainConfigError(f"{p}: invalid config: " + "; ".join(parts)) from None

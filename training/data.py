@@ -1,30 +1,31 @@
-"""Cluster-sampled MLM data: WebDataset shards of UniRef50 clusters → masked token batches.
+"""Cluster-sampled MLM data: split samples → masked token batches for one rank.
 
-ESM-2's scheme: every epoch visits each UniRef50 cluster of the split once, in a shuffled order;
-for each, one UniRef90 member is drawn uniformly, cropped to ``max_residues`` at a random window,
-wrapped as ``<cls> … <eos>`` and masked (15%: 80% ``<mask>``, 10% random residue, 10% unchanged;
-special tokens never). Every random choice for a cluster comes from an RNG seeded by
-(seed, epoch, cluster id), so what a cluster becomes does not depend on ranks, workers or order.
+ESM-2's scheme: every epoch visits each UniRef50 cluster of the split once, in an order that is a
+function of (seed, epoch) alone (:mod:`training.sampler`); for each, one UniRef90 member is drawn
+uniformly, cropped to ``max_residues`` at a random window, wrapped as ``<cls> … <eos>`` and masked
+(15%: 80% ``<mask>``, 10% random residue, 10% unchanged; special tokens never). Every random
+choice for a cluster is seeded by (seed, epoch, cluster), so what a cluster becomes does not
+depend on ranks, workers or order.
 
-Shards are shuffled per epoch with the seed and dealt out to ranks, then to DataLoader workers;
-each worker batches its own stream by token budget (length-sorted windows, padded or packed). The
-stream's position (epoch, batches delivered by each worker, and the worker rotation) is a small
-dict that restores the stream exactly mid-epoch. Shards are decoded through ``pipeline.shards``.
+Samples, not shards, are dealt: each global batch is split into this rank's micro-batches
+(:func:`training.sampler.assign`), which DataLoader workers read by index from the tar shards
+(``pipeline.shards.ShardReader``, WebDataset's ``wids``) and collate, packed or padded.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from pipeline.shards import ClusterSample, iter_clusters, shard_paths
-from training.alphabet import MASK, PAD, SPECIAL_IDS, STANDARD_AA_IDS, VOCAB_SIZE, encode
+from pipeline.errors import PipelineError
+from pipeline.shards import ClusterSample, ShardReader, SplitIndex, cluster_hash
+from training.alphabet import CLS, EOS, MASK, PAD, SPECIAL_IDS, STANDARD_AA_IDS, VOCAB_SIZE, encode
+from training.sampler import GlobalBatch, Position, assign, global_batches, member_draws
 
 IGNORE_INDEX = -100
 _SPECIAL = np.zeros(VOCAB_SIZE, dtype=bool)
@@ -42,8 +43,9 @@ class DataConfig:
     mask_token_frac: float = 0.8
     random_token_frac: float = 0.1
     tokens_per_batch: int = 16_384  # real + pad tokens (padded) or packed tokens per batch
-    sort_window: int = 256  # examples sorted by length together before batching
+    sort_window: int = 256  # examples sorted by length together (validation batching)
     packed: bool = True
+    shuffle_chunk: int = 4096  # consecutive samples shuffled together (read locality)
 
 
 @dataclass(frozen=True)
@@ -56,10 +58,10 @@ class Example:
     labels: np.ndarray
 
 
-def cluster_rng(seed: int, epoch: int, cluster: str) -> np.random.Generator:
-    """The RNG of one cluster in one epoch (independent of rank, worker and order)."""
-    digest = hashlib.blake2b(f"{seed}:{epoch}:{cluster}".encode(), digest_size=16).digest()
-    return np.random.default_rng(int.from_bytes(digest, "little"))
+def cluster_rng(seed: int, epoch: int, key_hash: int) -> np.random.Generator:
+    """The crop and masking RNG of one cluster in one epoch (``key_hash``: its
+    :func:`~pipeline.shards.cluster_hash`); independent of rank, worker and order."""
+    return np.random.default_rng([seed, epoch, key_hash])
 
 
 def mask_tokens(
@@ -82,10 +84,13 @@ def mask_tokens(
     return out, labels
 
 
-def make_example(sample: ClusterSample, epoch: int, cfg: DataConfig) -> Example:
+def make_example(sample: ClusterSample, epoch: int, cfg: DataConfig,
+                 key_hash: int | None = None) -> Example:
     """Pick a UniRef90 member uniformly, crop, add <cls>/<eos>, mask."""
-    rng = cluster_rng(cfg.seed, epoch, sample.cluster)
-    member = int(rng.integers(len(sample.sequences)))
+    key_hash = cluster_hash(sample.cluster) if key_hash is None else key_hash
+    draw = member_draws(cfg.seed, epoch, np.asarray([key_hash], dtype=np.uint64))[0]
+    member = int(draw % np.uint64(len(sample.sequences)))
+    rng = cluster_rng(cfg.seed, epoch, key_hash)
     seq = sample.sequences[member]
     if len(seq) > cfg.max_residues:
         start = int(rng.integers(len(seq) - cfg.max_residues + 1))
@@ -142,120 +147,101 @@ def batch_by_tokens(examples: Sequence[Example], cfg: DataConfig) -> list[list[E
     return batches
 
 
-def shards_for(shards: Sequence[Path], seed: int, epoch: int, rank: int, world: int) -> list[Path]:
-    """This rank's shards for an epoch: a seeded shuffle, dealt round-robin to ranks."""
-    order = np.random.default_rng([seed, epoch, 0x5EED]).permutation(len(shards))
-    return [shards[i] for i in order[rank::world]]
+def empty_batch(packed: bool) -> dict[str, torch.Tensor]:
+    """A micro-batch with nothing to learn (``<cls><eos>``, no label): a rank whose share of a
+    global batch is smaller than its micro-step count still runs the step's collectives."""
+    ids = np.asarray([CLS, EOS], dtype=np.int64)
+    return collate([Example("", 0, ids, np.full(2, IGNORE_INDEX, dtype=np.int64))], packed)
 
 
-class ClusterStream(IterableDataset):
-    """Endless stream of batches over epochs for one rank; use with ``DataLoader(batch_size=None)``.
+@dataclass(frozen=True)
+class MicroBatch:
+    """A unit of loader work: one micro-batch of one rank's share of a global batch."""
 
-    Each yielded batch carries ``epoch``, ``worker`` and ``index`` (the worker's batch counter in
-    that epoch) so the consumer can record its position (:class:`StreamPosition`).
+    epoch: int
+    batch: int  # global batch number in the epoch
+    micro: int  # this rank's micro-batch number in the global batch
+    micros: int  # micro-batches per rank in this global batch
+    indices: tuple[int, ...]  # split sample indices
+    end: dict  # Position after the global batch (as a dict)
+
+
+def rank_work(index: SplitIndex, cfg: DataConfig, tokens_per_step: int, rank: int, world: int,
+              start: Position | None = None, epochs: int | None = None) -> Iterator[MicroBatch]:
+    """This rank's micro-batches, global batch after global batch."""
+    for gb in global_batches(index, cfg.seed, cfg.max_residues, tokens_per_step,
+                             cfg.shuffle_chunk, start, epochs):
+        yield from _share(gb, cfg, rank, world)
+
+
+def _share(gb: GlobalBatch, cfg: DataConfig, rank: int, world: int) -> Iterator[MicroBatch]:
+    shares = assign(gb.lengths.tolist(), world, cfg.tokens_per_batch, cfg.packed)[rank]
+    for micro, positions in enumerate(shares):
+        yield MicroBatch(gb.epoch, gb.batch, micro, len(shares),
+                         tuple(int(gb.indices[p]) for p in positions), gb.end.to_dict())
+
+
+class _Work:
+    """The sampler of the DataLoader: yields this rank's micro-batches (a fresh plan per iter)."""
+
+    def __init__(self, make: Callable[[], Iterator[MicroBatch]]) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[MicroBatch]:
+        return self.make()
+
+
+class ClusterBatches(Dataset):
+    """Map-style dataset: a :class:`MicroBatch` → its collated batch (built in a worker).
+
+    Read errors come back as ``{"error": message}`` (one line naming the shard and sample), so the
+    trainer can stop with that line rather than a worker traceback.
     """
 
-    def __init__(
-        self,
-        shards: Sequence[str | Path],
-        cfg: DataConfig,
-        rank: int = 0,
-        world_size: int = 1,
-        position: dict | None = None,
-        epochs: int | None = None,
-    ) -> None:
-        super().__init__()
-        self.shards = [Path(s) for s in shards]
-        self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.position = position or {}
-        self.epochs = epochs
+    def __init__(self, split_dir: Path, cfg: DataConfig,
+                 local_shard: Callable[[str], Path] | None = None) -> None:
+        self.split_dir, self.cfg, self.local_shard = Path(split_dir), cfg, local_shard
+        self._reader: ShardReader | None = None
 
-    def _worker(self) -> tuple[int, int]:
-        info = get_worker_info()
-        return (0, 1) if info is None else (info.id, info.num_workers)
+    def __len__(self) -> int:  # pragma: no cover - indexed by MicroBatch only
+        raise TypeError("ClusterBatches is indexed by MicroBatch items")
 
-    def examples(self, epoch: int, stream: int, streams: int) -> Iterator[Example]:
-        """The examples of one worker stream (``stream`` of ``streams``) in an epoch."""
-        mine = shards_for(self.shards, self.cfg.seed, epoch, self.rank, self.world)[stream::streams]
-        for sample in iter_clusters(mine):
-            yield make_example(sample, epoch, self.cfg)
+    def reader(self) -> ShardReader:
+        if self._reader is None:  # opened in the worker process that uses it
+            self._reader = ShardReader(SplitIndex(self.split_dir), self.local_shard)
+        return self._reader
 
-    def batches(self, epoch: int, stream: int, streams: int) -> Iterator[list[Example]]:
-        window: list[Example] = []
-        for example in self.examples(epoch, stream, streams):
-            window.append(example)
-            if len(window) == self.cfg.sort_window:
-                yield from batch_by_tokens(window, self.cfg)
-                window = []
-        if window:
-            yield from batch_by_tokens(window, self.cfg)
-
-    def __iter__(self) -> Iterator[dict]:
-        worker, workers = self._worker()
-        saved = self.position.get("workers")
-        if saved is not None and saved != workers:
-            raise ValueError(
-                f"stream position was saved with {saved} loader workers, "
-                f"resumed with {workers}: use the same num_workers to resume"
-            )
-        # after a resume, worker 0 continues the stream that was due next
-        stream = (worker + self.position.get("rotation", 0)) % workers
-        epoch, skip = self.position.get("streams", {}).get(str(stream), (0, 0))
-        while self.epochs is None or epoch < self.epochs:
-            for index, batch in enumerate(self.batches(epoch, stream, workers)):
-                if index < skip:
-                    continue
-                out = collate(batch, self.cfg.packed)
-                out.update(
-                    epoch=epoch, stream=stream, index=index, clusters=[e.cluster for e in batch]
-                )
-                yield out
-            epoch, skip = epoch + 1, 0
-
-
-class StreamPosition:
-    """Where each worker stream stands; ``state()`` resumes a ClusterStream exactly.
-
-    Workers move through epochs independently, so the position is per stream:
-    ``(epoch, next batch index)``, plus the rotation that makes the stream due next (the
-    DataLoader hands out batches round-robin, in order) become worker 0 on resume.
-    """
-
-    def __init__(self, num_workers: int, state: dict | None = None) -> None:
-        self.workers = max(num_workers, 1)
-        state = state or {}
-        self.streams = {int(k): tuple(v) for k, v in state.get("streams", {}).items()}
-        self.rotation = state.get("rotation", 0)
-        self.count = 0
-
-    def update(self, batch: dict) -> None:
-        self.streams[batch["stream"]] = (batch["epoch"], batch["index"] + 1)
-        self.count += 1
-
-    def state(self) -> dict:
-        return {
-            "workers": self.workers,
-            "streams": {str(k): list(v) for k, v in sorted(self.streams.items())},
-            "rotation": (self.rotation + self.count) % self.workers,
-        }
-
-
-def split_shards(build_dir: str | Path, split: str) -> list[Path]:
-    """The shard files of one split of a build (``<build>/shards/<split>``)."""
-    return shard_paths(Path(build_dir) / "shards" / split)
+    def __getitem__(self, item: MicroBatch) -> dict:
+        try:
+            reader = self.reader()
+            examples = [make_example(reader.read(i), item.epoch, self.cfg,
+                                     int(reader.index.keys[i])) for i in item.indices]
+        except PipelineError as exc:
+            return {"error": " ".join(str(exc).split())}
+        out = collate(examples, self.cfg.packed) if examples else empty_batch(self.cfg.packed)
+        out.update(epoch=item.epoch, batch=item.batch, micro=item.micro, micros=item.micros,
+                   end=item.end, clusters=[e.cluster for e in examples])
+        return out
 
 
 def make_loader(
-    shards: Sequence[str | Path],
+    split_dir: str | Path,
     cfg: DataConfig,
+    tokens_per_step: int | None = None,
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
-    position: dict | None = None,
+    start: Position | dict | None = None,
     epochs: int | None = None,
+    local_shard: Callable[[str], Path] | None = None,
 ) -> DataLoader:
-    """A DataLoader over a ClusterStream (workers fork; batches are built inside workers)."""
-    stream = ClusterStream(shards, cfg, rank, world_size, position, epochs)
-    return DataLoader(
-        stream, batch_size=None, num_workers=num_workers, persistent_workers=False, in_order=True
-    )
+    """A DataLoader of this rank's micro-batches from ``start`` on (``tokens_per_step``: the
+    global batch's token budget, default ``cfg.tokens_per_batch``)."""
+    start = start if isinstance(start, Position) else Position.from_dict(start)
+    index = SplitIndex(split_dir)
+    budget = tokens_per_step or cfg.tokens_per_batch
+    work = _Work(lambda: rank_work(index, cfg, budget, rank, world_size, start, epochs))
+    return DataLoader(ClusterBatches(Path(split_dir), cfg, local_shard), sampler=work,
+                      batch_size=None, num_workers=num_workers, in_order=True,
+                      persistent_workers=False, multiprocessing_context="fork"
+                      if num_workers else None)

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import math
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from pipeline.shards import iter_clusters
 from training.data import IGNORE_INDEX, DataConfig, Example, batch_by_tokens, collate, make_example
+from training.errors import UserError
+
+if TYPE_CHECKING:
+    from training.config import TrainConfig
 
 
 def validation_examples(
@@ -33,6 +40,14 @@ def validation_batches(
         tokens_per_batch=tokens_per_batch, packed=packed, sort_window=max(len(examples), 1)
     )
     return [collate(b, packed) for b in batch_by_tokens(examples, cfg)]
+
+
+def evaluation_batches(shards: Sequence[Path], cfg: TrainConfig) -> list[dict[str, torch.Tensor]]:
+    """The validation batches of a training run: its eval seed and limit, its crop, budget and
+    packing (what the trainer's validation and ``esm2-train evaluate RUN`` both use)."""
+    examples = validation_examples(shards, cfg.run.eval_seed, cfg.data.max_residues,
+                                   cfg.run.eval_max_sequences)
+    return validation_batches(examples, cfg.data.tokens_per_batch, cfg.data.packed)
 
 
 def _batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
@@ -105,3 +120,33 @@ def evaluate_model(
     batches = validation_batches(examples, tokens_per_batch, packed=True)
     device = next(model.parameters()).device
     return perplexity(model_forward(model), batches, device)
+
+
+def evaluate_run(path: str | Path, data: str | None = None, device: str | torch.device = "cpu",
+                 cache_dir: str | None = None) -> dict:
+    """Perplexity of a training run's checkpoint (a run dir → its latest complete checkpoint, or
+    ``checkpoints/stepN``) on its build's validation set, with the run's own data settings: the
+    number the trainer's validation logged at that step."""
+    from training.build_source import BuildSource
+    from training.checkpoint import load_checkpoint
+    from training.config import TrainConfig
+    from training.consolidate import consolidate
+    from training.run_dir import RunDir
+
+    found = RunDir.locate(path)
+    if found is None:
+        raise UserError(f"{path}: not a training run or checkpoint (no complete checkpoint)")
+    run, tag = found
+    saved = json.loads(run.config.read_text())
+    cfg = TrainConfig.model_validate(saved["train"])
+    source = BuildSource(data or saved["data"], cache_dir)
+    shard = source.validation_shard()
+    if shard is None:
+        raise UserError(f"{source}: the build has no validation set (validation/)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_checkpoint(consolidate(run.step_dir(tag), f"{tmp}/model"), device=device)
+    model.eval()
+    result = perplexity(model_forward(model), evaluation_batches([shard], cfg),
+                        next(model.parameters()).device)
+    return {"checkpoint": str(run.step_dir(tag)), "step": run.meta(tag)["step"],
+            "data": str(source), "masking_seed": cfg.run.eval_seed, **result}

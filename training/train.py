@@ -1,34 +1,43 @@
-"""DeepSpeed ZeRO-3 training of ESM-2 on cluster shards, with exact resume.
+"""DeepSpeed ZeRO-3 training of ESM-2 on cluster shards, with exact, elastic resume.
 
-Run one process per rank (``torchrun --nproc_per_node N -m training.cli train …`` or the
-``deepspeed`` launcher); on CPU set ``DS_ACCELERATOR=cpu`` (ranks talk over gloo). Each rank reads
-its own shards (see :mod:`training.data`). A checkpoint (every ``run.checkpoint_every`` steps and
-at the end) holds the DeepSpeed state (model, optimizer partitions, scheduler) plus, per rank, the
-loader position and RNG states, so ``--resume`` continues exactly where the run stopped.
+Run one process per rank (``torchrun --nproc_per_node N -m training.cli train …``, the
+``deepspeed --module`` launcher, or plain ``esm2-train train`` for one process); on CPU set
+``DS_ACCELERATOR=cpu`` (ranks talk over gloo). Every optimiser step trains on one *global batch*
+(:mod:`training.sampler`): the same clusters for any world size, each rank taking its share as
+the same number of micro-batches. The loss is the mean over the global batch's masked tokens, so
+the step does not depend on how the batch was shared out.
+
+A checkpoint (every ``run.checkpoint_every`` steps and at the end) holds DeepSpeed's state (model,
+optimizer partitions, scheduler) and the global data position (epoch, global batches consumed):
+``--resume`` continues the same sample sequence exactly, also on another number of ranks (the
+ZeRO partitions are then converted to DeepSpeed's universal checkpoint format first).
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
-import shutil
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
+from pipeline.shards import SplitIndex
+from training.build_source import BuildSource
 from training.config import OptimSection, TrainConfig
-from training.data import DataConfig, StreamPosition, make_loader, split_shards
-from training.errors import UserError
-from training.evaluate import model_forward, perplexity, validation_batches, validation_examples
-from training.model import build_model, mlm_loss
-
-CHECKPOINTS = "checkpoints"
-METRICS = "metrics.jsonl"
+from training.data import IGNORE_INDEX, make_loader
+from training.errors import RankError, StoppedByPeer, UserError
+from training.evaluate import evaluation_batches, model_forward, perplexity
+from training.model import build_model
+from training.run_dir import RunDir
+from training.sampler import Position
 
 
 def lr_factor(optim: OptimSection) -> Callable[[int], float]:
@@ -55,13 +64,17 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool, out_dir: Path) -> dict:
-    """The DeepSpeed config generated from ours; ``cfg.deepspeed`` is merged in last."""
-    per_batch = cfg.data.tokens_per_batch * world
-    accum = max(1, math.ceil(cfg.run.tokens_per_step / per_batch)) if cfg.run.tokens_per_step else 1
+def deepspeed_config(cfg: TrainConfig, bf16: bool, run: RunDir, universal: bool = False) -> dict:
+    """The DeepSpeed config generated from ours; ``cfg.deepspeed`` is merged in last.
+
+    Gradient accumulation is ours: a global batch is as many micro-batches per rank as its share
+    needs (the same on every rank), so DeepSpeed's counter is off
+    (``managed_gradient_accumulation: false``) and each ``engine.step()`` ends a global batch.
+    """
     generated = {
         "train_micro_batch_size_per_gpu": 1,  # one token-budget batch per micro-step
-        "gradient_accumulation_steps": accum,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.run.zero_stage},
         "zero_allow_untested_optimizer": True,
@@ -70,8 +83,10 @@ def deepspeed_config(cfg: TrainConfig, world: int, bf16: bool, out_dir: Path) ->
         "wall_clock_breakdown": False,
     }
     if cfg.run.tensorboard:  # DeepSpeed's monitor: loss and lr curves under <out>/tensorboard
-        generated["tensorboard"] = {"enabled": True, "output_path": str(out_dir / "tensorboard"),
+        generated["tensorboard"] = {"enabled": True, "output_path": str(run.tensorboard),
                                     "job_name": "train"}
+    if universal:
+        generated["checkpoint"] = {"load_universal": True}
     return _merge(generated, cfg.deepspeed)
 
 
@@ -87,23 +102,59 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def _rank_state_path(tag_dir: Path, rank: int) -> Path:
-    return tag_dir / f"rank{rank:05d}_state.pt"
+def single_process_env() -> None:
+    """Rendezvous variables for a run started without a launcher (one process)."""
+    if "RANK" in os.environ or "OMPI_COMM_WORLD_RANK" in os.environ:
+        return
+    with socket.socket() as sock:  # a free port on this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (0 when there is none)."""
+    return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
 
 
 class Trainer:
     """One rank of a training run."""
 
-    def __init__(self, cfg: TrainConfig, data_dir: Path, out_dir: Path) -> None:
+    def __init__(self, cfg: TrainConfig, data: BuildSource | str | Path, out_dir: Path,
+                 resume: str = "no", overwrite: bool = False) -> None:
+        """``resume``: ``no`` (the run directory must be fresh unless ``overwrite``),
+        ``yes`` (a complete checkpoint must exist) or ``auto`` (resume if there is one)."""
         import deepspeed
 
-        self.cfg, self.data_dir, self.out = cfg, Path(data_dir), Path(out_dir)
+        self.cfg = cfg
+        self.source = data if isinstance(data, BuildSource) else BuildSource(data)
+        self.run_dir = RunDir(Path(out_dir))
+        self.out = self.run_dir.root
         cuda = torch.cuda.is_available()
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        single_process_env()
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo",
+            timeout=datetime.timedelta(seconds=cfg.run.dist_timeout_s))
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = (
             torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         )
+        self.train_dir = self.source.split_dir("train")
+        self.train_index = SplitIndex(self.train_dir)
+        if len(self.train_index) < self.world:
+            raise UserError(
+                f"{self.source}: the train split has {len(self.train_index)} UniRef50 clusters, "
+                f"fewer than the {self.world} ranks: every rank needs at least one cluster "
+                "(use fewer ranks or a larger build)")
+        self.tokens_per_step = cfg.run.tokens_per_step or cfg.data.tokens_per_batch
+        self.resume_tag = self._prepare_run_dir(resume, overwrite)
+        universal = False
+        if self.resume_tag is not None:
+            saved_world = self.run_dir.meta(self.resume_tag)["world_size"]
+            universal = saved_world != self.world
+            if universal:
+                self._convert_to_universal(self.resume_tag)
         bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and cuda)
         torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
         self.model_config = cfg.model.build()
@@ -115,96 +166,120 @@ class Trainer:
             eps=cfg.optim.eps,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim))
-        self.ds_config = deepspeed_config(cfg, self.world, bf16, self.out)
+        self.ds_config = deepspeed_config(cfg, bf16, self.run_dir, universal)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
             lr_scheduler=scheduler,
             config=self.ds_config,
         )
-        self.accum = self.ds_config["gradient_accumulation_steps"]
-        self.data = DataConfig(
-            seed=cfg.data.seed,
-            max_residues=cfg.data.max_residues,
-            tokens_per_batch=cfg.data.tokens_per_batch,
-            sort_window=cfg.data.sort_window,
-            packed=cfg.data.packed,
-        )
-        self.position: dict | None = None
+        self.data = cfg.data.loader_config()
+        self.position = Position()
         self.step = 0
+        if self.resume_tag is not None:
+            self._load(self.resume_tag, universal)
 
-    # checkpoints -------------------------------------------------------------------------------
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.out / CHECKPOINTS
-
-    def save(self, position: StreamPosition) -> None:
-        tag = f"step{self.step:08d}"
-        tag_dir = self.checkpoint_dir / tag
-        tag_dir.mkdir(parents=True, exist_ok=True)
-        # our per-rank state first: DeepSpeed writes "latest" last, so a kill mid-save resumes
-        # from the previous complete checkpoint
-        torch.save(
-            {"loader": position.state(), "torch_rng": torch.get_rng_state(), "step": self.step},
-            _rank_state_path(tag_dir, self.rank),
-        )
-        dist.barrier()
-        self.engine.save_checkpoint(
-            str(self.checkpoint_dir), tag=tag, client_state={"step": self.step}
-        )
+    # run directory and checkpoints ------------------------------------------------------------
+    def _prepare_run_dir(self, resume: str, overwrite: bool) -> str | None:
+        """Check the run directory against the resume mode; returns the tag to resume from."""
+        run = self.run_dir
+        tag = run.latest()
+        if resume == "yes" and tag is None:
+            raise UserError(f"{run.root}: no complete checkpoint to resume from (drop --resume to "
+                            "start a new run, or use --resume-or-start)")
+        if resume != "no" and tag is not None:
+            return tag
+        used = run.in_use()
+        if used and not overwrite and resume != "auto":
+            raise UserError(f"{run.root}: already holds a training run ({', '.join(used)}); "
+                            "--resume continues it, --overwrite replaces it")
         dist.barrier()
         if self.rank == 0:
-            (self.checkpoint_dir / "config.json").write_text(
-                json.dumps(
-                    {
-                        "train": self.cfg.model_dump(mode="json"),
-                        "model": self.model_config.to_dict(),
-                    },
-                    indent=2,
-                )
-            )
-            tags = sorted(p for p in self.checkpoint_dir.glob("step*") if p.is_dir())
-            for old in tags[: -self.cfg.run.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+            run.clear()
+        dist.barrier()
+        return None
+
+    def _convert_to_universal(self, tag: str) -> None:
+        """ZeRO partitions saved on another world size → DeepSpeed's universal checkpoint."""
+        target = self.run_dir.step_dir(tag) / "universal"
+        if self.rank == 0 and not (target / "zero").is_dir():
+            import argparse
+
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            from pipeline.atomic import atomic_dir
+
+            with atomic_dir(target) as tmp:
+                ds_to_universal(argparse.Namespace(
+                    input_folder=str(self.run_dir.step_dir(tag)), output_folder=str(tmp),
+                    num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                    strict=True, inject_missing_state=False))
         dist.barrier()
 
-    def resume(self) -> bool:
-        latest = self.checkpoint_dir / "latest"
-        if not latest.is_file():
-            return False
-        tag = latest.read_text().strip()
-        path, client = self.engine.load_checkpoint(str(self.checkpoint_dir), tag=tag)
+    def _load(self, tag: str, universal: bool) -> None:
+        load_dir = self.run_dir.step_dir(tag) if universal else self.run_dir.checkpoints
+        path, _ = self.engine.load_checkpoint(str(load_dir), tag="universal" if universal else tag)
         if path is None:
-            raise UserError(f"{self.checkpoint_dir / tag}: could not load the checkpoint")
-        state = torch.load(
-            _rank_state_path(self.checkpoint_dir / tag, self.rank), weights_only=False
-        )
-        torch.set_rng_state(state["torch_rng"])
-        self.position = state["loader"]
-        self.step = int(client["step"])
-        return True
+            raise UserError(f"{self.run_dir.step_dir(tag)}: could not load the checkpoint")
+        if universal:
+            self._repair_universal_load()
+        meta = self.run_dir.meta(tag)
+        self.step = int(meta["step"])
+        self.position = Position.from_dict(meta["position"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        state = torch.load(self.run_dir.step_dir(tag) / "rng.pt", weights_only=True)
+        torch.set_rng_state(state)
+
+    def _repair_universal_load(self) -> None:
+        """Undo two side effects of DeepSpeed's universal ZeRO-3 load (0.19): every parameter
+        group gets the first group's settings (here: the weight decay of matrices would reach
+        norms and biases), and every group's Adam ``step`` is one shared tensor, so each
+        optimiser step would count once per group (a wrong bias correction)."""
+        decays = [self.cfg.optim.weight_decay, 0.0]  # the order param_groups() builds
+        for group, decay in zip(self.engine.optimizer.param_groups, decays, strict=True):
+            group["weight_decay"] = decay
+        zero = self.engine.optimizer
+        for flat in getattr(zero, "fp32_partitioned_groups_flat", []):
+            state = zero.optimizer.state.get(flat, {})
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+    def save(self) -> None:
+        run, tag = self.run_dir, RunDir.tag(self.step)
+        run.step_dir(tag).mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        self.engine.save_checkpoint(str(run.checkpoints), tag=tag, save_latest=False)
+        dist.barrier()
+        if self.rank == 0:
+            run.config.write_text(json.dumps(
+                {"train": self.cfg.model_dump(mode="json"), "model": self.model_config.to_dict(),
+                 "data": str(self.source)}, indent=2))
+            torch.save(torch.get_rng_state(), run.step_dir(tag) / "rng.pt")
+            run.mark_complete(tag, {
+                "step": self.step, "position": self.position.to_dict(),
+                "world_size": self.world, "scheduler": self.scheduler.state_dict()})
+            run.prune(self.cfg.run.keep_last, tag)
+        dist.barrier()
 
     # training ----------------------------------------------------------------------------------
-    def _forward(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _nll(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Summed cross-entropy over the micro-batch's masked positions."""
         moved = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        out = self.engine(
+        logits = self.engine(
             moved["input_ids"],
             attention_mask=moved.get("attention_mask"),
             seq_ids=moved.get("seq_ids"),
-        )
-        return mlm_loss(out["logits"], moved["labels"])
+        )["logits"]
+        labels = moved["labels"].reshape(-1)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels,
+                              ignore_index=IGNORE_INDEX, reduction="sum")
+        return nll + 0.0 * logits.sum()  # a graph even when no position is masked
 
     def evaluate(self) -> dict[str, float] | None:
-        shards = split_shards_or_none(self.data_dir)
-        if shards is None:
+        shard = self.source.validation_shard()
+        if shard is None:
             return None
-        examples = validation_examples(
-            shards,
-            self.cfg.run.eval_seed,
-            self.cfg.data.max_residues,
-            self.cfg.run.eval_max_sequences,
-        )
-        batches = validation_batches(examples, self.cfg.data.tokens_per_batch, self.cfg.data.packed)
+        batches = evaluation_batches([shard], self.cfg)
         self.engine.eval()
         result = perplexity(model_forward(self.engine), batches, self.device)
         self.engine.train()
@@ -212,12 +287,12 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.rank == 0:
-            with open(self.out / METRICS, "a", encoding="utf-8") as fh:
+            with open(self.run_dir.metrics, "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 
     def _trim_metrics(self) -> None:
         """On resume, drop metric lines past the checkpoint (they will be produced again)."""
-        path = self.out / METRICS
+        path = self.run_dir.metrics
         if self.rank != 0 or not path.is_file():
             return
         keep = [
@@ -227,58 +302,87 @@ class Trainer:
         ]
         path.write_text("".join(f"{line}\n" for line in keep))
 
-    def fit(self, resume: bool = False, progress: bool = True) -> list[dict]:
+    def global_batches(self) -> Iterator[list[dict]]:
+        """This rank's micro-batches, one list per global batch (from the current position)."""
+        loader = make_loader(self.train_dir, self.data, self.tokens_per_step, self.rank,
+                             self.world, self.cfg.data.num_workers, self.position,
+                             local_shard=self.source.shard_opener("train"))
+        micro: list[dict] = []
+        for batch in loader:
+            if "error" in batch:
+                raise RankError(batch["error"])
+            micro.append(batch)
+            if batch["micro"] == batch["micros"] - 1:
+                yield micro
+                micro = []
+
+    def _gather_step(self, batches: Iterator[list[dict]]) -> tuple[list[dict], torch.Tensor]:
+        """This rank's micro-batches of the next global batch, and the batch's masked and real
+        token counts over all ranks. The same collective tells every rank whether any rank could
+        not read its share: then the lowest such rank reports why and every rank stops."""
+        failure: RankError | None = None
+        try:
+            micro = next(batches)
+        except RankError as exc:
+            failure, micro = exc, []
+        counts = torch.zeros(2 + self.world, dtype=torch.float64)
+        counts[0] = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro)
+        counts[1] = sum(int((b["input_ids"] != 1).sum()) for b in micro)
+        counts[2 + self.rank] = failure is not None
+        dist.all_reduce(counts)
+        failed = [r for r in range(self.world) if counts[2 + r] > 0]
+        if failed:
+            if failure is not None and self.rank == failed[0]:
+                raise failure
+            raise StoppedByPeer(f"rank {failed[0]} could not read its data")
+        return micro, counts[:2]
+
+    def fit(self, progress: bool = True, trace_clusters: bool = False) -> list[dict]:
+        """Train to ``run.steps``; returns the metrics of the steps run (``trace_clusters``: also
+        each step's cluster ids, gathered from every rank)."""
         from tqdm.auto import tqdm
 
         self.out.mkdir(parents=True, exist_ok=True)
-        if resume and self.resume():
-            self._trim_metrics()
-        elif self.rank == 0:
-            (self.out / METRICS).unlink(missing_ok=True)
-        position = StreamPosition(self.cfg.data.num_workers, self.position)
-        loader = make_loader(
-            split_shards(self.data_dir, "train"),
-            self.data,
-            self.rank,
-            self.world,
-            self.cfg.data.num_workers,
-            self.position,
-        )
-        batches = iter(loader)
+        self._trim_metrics()
         history = []
         run = self.cfg.run
-        bar = tqdm(
-            total=run.steps,
-            initial=self.step,
-            desc="train",
-            unit="step",
-            disable=not progress or self.rank != 0,
-        )
+        bar = tqdm(total=run.steps, initial=self.step, desc="train", unit="step",
+                   disable=not progress or self.rank != 0)
         self.engine.train()
+        batches = self.global_batches()
         while self.step < run.steps:
             start = time.perf_counter()
-            loss_sum, tokens = 0.0, 0
-            for _ in range(self.accum):
-                batch = next(batches)
-                position.update(batch)
-                loss = self._forward(batch)
-                self.engine.backward(loss)
-                self.engine.step()
-                loss_sum += float(loss.detach())
-                tokens += int((batch["input_ids"] != 1).sum())  # real tokens (not <pad>)
+            micro, counts = self._gather_step(batches)
+            masked = max(float(counts[0]), 1.0)
+            nll_sum = 0.0
+            for batch in micro:
+                nll = self._nll(batch)
+                # DeepSpeed averages gradients over ranks: scale so that the step's gradient is
+                # that of the mean loss over every masked token of the global batch
+                self.engine.backward(nll * (self.world / masked), scale_wrt_gas=False)
+                nll_sum += float(nll.detach())
+            self.engine.step()
             self.step += 1
-            totals = torch.tensor([loss_sum / self.accum, float(tokens)], dtype=torch.float64)
-            dist.all_reduce(totals)
-            mean_loss = float(totals[0]) / self.world
+            self.position = Position.from_dict(micro[-1]["end"])
+            total = torch.tensor([nll_sum], dtype=torch.float64)
+            dist.all_reduce(total)
+            mean_loss = float(total[0]) / masked
             record = {
                 "step": self.step,
                 "loss": mean_loss,
                 "perplexity": math.exp(min(mean_loss, 50)),
                 "lr": self.scheduler.get_last_lr()[0],
                 "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                "tokens": int(totals[1]),
-                "tokens_per_s": float(totals[1]) / (time.perf_counter() - start),
+                "tokens": int(counts[1]),
+                "clusters": sum(len(b["clusters"]) for b in micro),
+                "micro_batches": len(micro),
+                "epoch": micro[-1]["epoch"],
+                "tokens_per_s": float(counts[1]) / (time.perf_counter() - start),
             }
+            if trace_clusters:
+                gathered: list[list[str] | None] = [None] * self.world
+                dist.all_gather_object(gathered, [c for b in micro for c in b["clusters"]])
+                record["cluster_ids"] = sorted(c for part in gathered for c in part or [])
             final = self.step == run.steps
             if (run.eval_every and self.step % run.eval_every == 0) or final:
                 result = self.evaluate()
@@ -289,7 +393,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.3f}")
             if (run.checkpoint_every and self.step % run.checkpoint_every == 0) or final:
-                self.save(position)
+                self.save()
         bar.close()
         return history
 
@@ -306,28 +410,21 @@ class Trainer:
         return {k: v.detach().float().cpu().clone() for k, v in state.items() if k in keys}
 
 
-def split_shards_or_none(data_dir: Path) -> list[Path] | None:
-    """The validation set's shard of a build, if it has one."""
-    shard = data_dir / "validation" / "validation-000000.tar"
-    return [shard] if shard.is_file() else None
-
-
-def run_training(cfg: TrainConfig, data_dir: Path, out_dir: Path, resume: bool,
-                 progress: bool = True) -> tuple[Trainer, list[dict]]:
+def run_training(cfg: TrainConfig, data: str | Path | BuildSource, out_dir: Path,
+                 resume: str = "no", overwrite: bool = False, progress: bool = True,
+                 trace_clusters: bool = False) -> tuple[Trainer, list[dict]]:
     """Train (every rank calls this); rank 0 writes the final weights to ``out_dir/final``
     (our checkpoint format; ``esm2-train export`` turns it into a HuggingFace directory)."""
-    if not (Path(data_dir) / "shards" / "train" / "index.json").is_file():
-        raise UserError(f"{data_dir}: not a dataset build (no shards/train/index.json)")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trainer = Trainer(cfg, data_dir, out_dir)
-    history = trainer.fit(resume=resume, progress=progress)
+    trainer = Trainer(cfg, data, out_dir, resume, overwrite)
+    history = trainer.fit(progress=progress, trace_clusters=trace_clusters)
     state = trainer.consolidated_state_dict()
     if trainer.rank == 0 and state is not None:
         from training.checkpoint import save_checkpoint
 
         save_checkpoint(
             state,
-            Path(out_dir) / "final",
+            trainer.run_dir.final,
             trainer.model_config,
             overwrite=True,
             metadata={"step": str(trainer.step)},
