@@ -2,36 +2,43 @@
 
 Usage: python benchmarks/loader.py [--data builds/sample] [--seconds 20] [--workers 0 2]
 
-Reads the build's train shards through `training.data.make_loader` (WebDataset decoding via
-pipeline.shards, member draw, crop, masking, token-budget batching, collation) for a fixed time per
-setting and prints tokens/s overall and per worker process (num_workers=0: the main process is the
-one worker). Target: >= 200k tokens/s per core.
+Runs the sample-level loader (``training.data.make_loader``: global batches planned from the
+split's arrays, samples read by index with wids, member draw, crop, masking, token-budget
+micro-batches, collation) and, in the same run, the shard-streaming loader it replaced
+(``benchmarks/_old_loader.py``) for a fixed time per setting; prints tokens/s overall and per
+loading process (num_workers=0: the main process is the one loader) and the new/old ratio.
+Targets: new/old >= 0.5 and >= 1M packed tokens/s per process.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from training.data import DataConfig, make_loader, split_shards
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._old_loader import make_old_loader  # noqa: E402
+from pipeline.shards import shard_paths  # noqa: E402
+from training.data import DataConfig, make_loader  # noqa: E402
 
 
-def measure(shards: list[Path], workers: int, seconds: float, packed: bool) -> tuple[float, int]:
-    cfg = DataConfig(seed=0, tokens_per_batch=16_384, packed=packed)
-    tokens = batches = 0
+def measure(batches: Iterable[dict], seconds: float) -> tuple[float, int]:
+    """Real tokens/s over ``seconds`` (worker start-up and the first batch not counted)."""
+    tokens = count = 0
     start = None
-    for batch in make_loader(shards, cfg, num_workers=workers):
-        if start is None:  # don't count worker start-up
+    for batch in batches:
+        if start is None:
             start = time.perf_counter()
             continue
         tokens += int((batch["input_ids"] != 1).sum())
-        batches += 1
+        count += 1
         if time.perf_counter() - start >= seconds:
             break
-    return tokens / (time.perf_counter() - start), batches
+    return tokens / (time.perf_counter() - start), count
 
 
 def main() -> None:
@@ -39,16 +46,25 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT / "builds" / "sample")
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--tokens-per-batch", type=int, default=16_384)
     args = ap.parse_args()
-    shards = split_shards(args.data, "train")
-    print(f"{args.data}: {len(shards)} train shards")
-    print(f"{'workers':>8}{'batching':>10}{'tokens/s':>12}{'per worker':>12}{'batches':>9}")
+    split = args.data / "shards" / "train"
+    print(f"{args.data}: {len(shard_paths(split))} train shards")
+    print(f"{'workers':>8}{'batching':>10}{'loader':>8}{'tokens/s':>12}{'per process':>13}"
+          f"{'batches':>9}{'new/old':>9}")
     for workers in args.workers:
         for packed in (True, False):
-            rate, batches = measure(shards, workers, args.seconds, packed)
-            per = rate / max(workers, 1)
-            print(f"{workers:>8}{'packed' if packed else 'padded':>10}{rate:>12,.0f}"
-                  f"{per:>12,.0f}{batches:>9}", flush=True)
+            cfg = DataConfig(seed=0, tokens_per_batch=args.tokens_per_batch, packed=packed)
+            rates = {}
+            for name in ("new", "old"):
+                loader = (make_loader(split, cfg, 4 * cfg.tokens_per_batch, num_workers=workers)
+                          if name == "new" else
+                          make_old_loader(shard_paths(split), cfg, num_workers=workers))
+                rates[name], batches = measure(loader, args.seconds)
+                ratio = f"{rates['new'] / rates['old']:.2f}" if name == "old" else ""
+                print(f"{workers:>8}{'packed' if packed else 'padded':>10}{name:>8}"
+                      f"{rates[name]:>12,.0f}{rates[name] / max(workers, 1):>13,.0f}"
+                      f"{batches:>9}{ratio:>9}", flush=True)
 
 
 if __name__ == "__main__":
