@@ -117,6 +117,8 @@ class MMseqs:
         self.run("convertalis", work / "q", work / "t", work / "res", work / "hits.tsv",
                  "--format-output", ",".join(columns))
         schema = {c: pl.Int64 if c in ("query", "target") else pl.Float64 for c in columns}
+        if (work / "hits.tsv").stat().st_size == 0:  # no hit at all: a result, not an error
+            return pl.DataFrame(schema=schema)
         return pl.read_csv(work / "hits.tsv", separator="\t", has_header=False,
                            new_columns=list(columns), schema_overrides=schema)
 

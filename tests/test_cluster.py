@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,26 @@ def test_two_runs_are_byte_identical(constructed, tmp_path, threads: int) -> Non
     for name in ("sequences.parquet", "records.parquet", "clusters.parquet", "splits.parquet"):
         ours = (tmp_path / "again" / name).read_bytes()
         assert ours == (Path(cfg.out_dir) / name).read_bytes(), name
+
+
+def test_a_clean_split_is_a_result(tmp_path) -> None:
+    """Unrelated sequences: no held-out sequence has any train hit, so linking finds nothing
+    and the leakage report says 0 with no closest pairs (it used to crash on the empty hits)."""
+    rng = np.random.default_rng(7)
+    aa = np.array(list("ACDEFGHIKLMNPQRSTVWY"))
+    text = "".join(f">sp|R{i:04d}|R{i}_RAND Random OX=9606\n"
+                   f"{''.join(rng.choice(aa, size=int(rng.integers(80, 300))))}\n"
+                   for i in range(200))
+    fasta = write_fasta(tmp_path / "random.fasta", text)
+    cfg = build_config(tmp_path / "out", [fasta], split={"valid_fraction": 0.2,
+                                                         "test_fraction": 0.2})
+    run_through_split(cfg, [fasta])
+    report = run_leakage(cfg)
+    assert report["queries"] > 0 and report["queries_with_hit"] == 0
+    assert report["fraction_at_or_above_threshold"] == 0.0 and report["closest_pairs"] == []
+    assert report["best_hit_identity_histogram"]["no_hit"] == report["queries"]
+    saved = json.loads((tmp_path / "out" / "stats" / "leakage.json").read_text())
+    assert saved["closest_pairs"] == [] and saved["at_or_above_threshold"] == 0
+    split_stats = json.loads((tmp_path / "out" / "stats" / "split.json").read_text())
+    assert split_stats["cluster_links"] == 0
+    assert sum(s["uniref50_clusters"] for s in split_stats["splits"].values()) == 200
