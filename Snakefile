@@ -1,14 +1,16 @@
 # esm2-pretrain dataset build: one rule per stage, each calling one `esm2-data` subcommand.
 #   snakemake --cores 2 --configfile config/sample.yaml
 # The config is validated here (unknown keys and wrong types stop the run before any job), then
-# written resolved to <out_dir>/build_config.yaml, which every rule reads: a config change makes
-# the affected stages stale.
+# written resolved to <out_dir>/build_config.yaml, which every stage is run with, and, per stage,
+# the part its outputs depend on to <out_dir>/config/<stage>.yaml (pipeline.config.STAGE_SECTIONS),
+# each rewritten only when it changes: a rule depends on its own part, so an edit reruns the
+# stages it affects and what follows them, never a stage upstream.
 import sys
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import config_to_dict, parse_config
+from pipeline.config import STAGE_SECTIONS, config_to_dict, parse_config, stage_config
 
 if not config:
     configfile: "config/sample.yaml"
@@ -19,19 +21,41 @@ RESOLVED = OUT / "build_config.yaml"
 ESM2_DATA = f"{sys.executable} -m pipeline.cli"
 
 
-def _write_resolved_config() -> None:
-    text = yaml.safe_dump(config_to_dict(CFG), sort_keys=True)
-    if not RESOLVED.exists() or RESOLVED.read_text() != text:
-        RESOLVED.parent.mkdir(parents=True, exist_ok=True)
-        tmp = RESOLVED.with_suffix(".tmp")
+STAGE_CONFIG = {stage: OUT / "config" / f"{stage}.yaml" for stage in STAGE_SECTIONS}
+
+
+def _write_if_changed(path: Path, data: dict) -> None:
+    text = yaml.safe_dump(data, sort_keys=True)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
-        tmp.replace(RESOLVED)
+        tmp.replace(path)
 
 
-_write_resolved_config()
+_write_if_changed(RESOLVED, config_to_dict(CFG))
+for _stage, _path in STAGE_CONFIG.items():
+    _write_if_changed(_path, stage_config(CFG, _stage))
 
 
 MANIFEST = Path(CFG.manifest_dir) / f"{CFG.build}.json"
+
+
+def _stale_manifest_if_incomplete() -> None:
+    """Snakemake (>= 7.7) ignores a deleted intermediate while the final outputs exist. The
+    manifest describes every output, so with one missing it no longer describes the build: it
+    is moved aside (<build>.json.stale), and the stage that makes the missing file reruns, with
+    everything that follows it."""
+    made = ["raw/download.json", "sequences.parquet", "records.parquet", "clusters.parquet",
+            "splits.parquet", "stats/leakage.json", "shards", "validation"]
+    missing = [name for name in made if not (OUT / name).exists()]
+    if MANIFEST.exists() and missing:
+        MANIFEST.replace(MANIFEST.with_name(MANIFEST.name + ".stale"))
+        print(f"{OUT}: {', '.join(missing)} missing: {MANIFEST} moved aside (.stale); the "
+              "stages that make them rerun", file=sys.stderr)
+
+
+_stale_manifest_if_incomplete()
 TRAIN_CONFIG = Path(CFG.train.config)
 RUN = Path(CFG.train.run_dir or f"runs/{CFG.build}-{TRAIN_CONFIG.stem}")
 ESM2_TRAIN = f"{sys.executable} -m training.cli"
@@ -44,18 +68,18 @@ rule all:
 
 rule download:
     input:
-        RESOLVED,
+        config=STAGE_CONFIG["download"],
     output:
         OUT / "raw" / "download.json",
     log:
         OUT / "logs" / "download.log",
     shell:
-        "{ESM2_DATA} download --config {input} 2>&1 | tee {log}"
+        "{ESM2_DATA} download --config {RESOLVED} 2>&1 | tee {log}"
 
 
 rule ingest:
     input:
-        config=RESOLVED,
+        config=STAGE_CONFIG["ingest"],
         download=OUT / "raw" / "download.json",
     output:
         sequences=OUT / "sequences.parquet",
@@ -64,12 +88,12 @@ rule ingest:
     log:
         OUT / "logs" / "ingest.log",
     shell:
-        "{ESM2_DATA} ingest --config {input.config} 2>&1 | tee {log}"
+        "{ESM2_DATA} ingest --config {RESOLVED} 2>&1 | tee {log}"
 
 
 rule cluster:
     input:
-        config=RESOLVED,
+        config=STAGE_CONFIG["cluster"],
         sequences=OUT / "sequences.parquet",
         records=OUT / "records.parquet",
     output:
@@ -79,13 +103,15 @@ rule cluster:
         OUT / "logs" / "cluster.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} cluster --config {input.config} --threads {threads} 2>&1 | tee {log}"
+        "{ESM2_DATA} cluster --config {RESOLVED} --threads {threads} 2>&1 | tee {log}"
 
 
 rule split:
     input:
-        config=RESOLVED,
+        config=STAGE_CONFIG["split"],
         clusters=OUT / "clusters.parquet",
+        sequences=OUT / "sequences.parquet",
+        records=OUT / "records.parquet",
     output:
         splits=OUT / "splits.parquet",
         stats=OUT / "stats" / "split.json",
@@ -93,62 +119,77 @@ rule split:
         OUT / "logs" / "split.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} split --config {input.config} --threads {threads} 2>&1 | tee {log}"
+        "{ESM2_DATA} split --config {RESOLVED} --threads {threads} 2>&1 | tee {log}"
 
 
 rule check_leakage:
     input:
-        config=RESOLVED,
+        config=STAGE_CONFIG["check_leakage"],
         splits=OUT / "splits.parquet",
+        clusters=OUT / "clusters.parquet",
+        sequences=OUT / "sequences.parquet",
     output:
         report=OUT / "stats" / "leakage.json",
     log:
         OUT / "logs" / "leakage.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} check-leakage --config {input.config} --threads {threads} 2>&1 | tee {log}"
+        "{ESM2_DATA} check-leakage --config {RESOLVED} --threads {threads} 2>&1 | tee {log}"
 
 
 rule shards:
     input:
-        config=RESOLVED,
+        config=STAGE_CONFIG["shards"],
         splits=OUT / "splits.parquet",
-        leakage=OUT / "stats" / "leakage.json",
+        clusters=OUT / "clusters.parquet",
+        sequences=OUT / "sequences.parquet",
+        # the leakage check is a gate (it must pass first), not data: a re-check with another
+        # bound does not make the shards stale
+        leakage=ancient(OUT / "stats" / "leakage.json"),
     output:
         shards=directory(OUT / "shards"),
         stats=OUT / "stats" / "shards.json",
     log:
         OUT / "logs" / "shards.log",
     shell:
-        "{ESM2_DATA} shards --config {input.config} 2>&1 | tee {log}"
+        "{ESM2_DATA} shards --config {RESOLVED} 2>&1 | tee {log}"
 
 
 rule validation:
     input:
-        config=RESOLVED,
+        config=STAGE_CONFIG["validation"],
         splits=OUT / "splits.parquet",
-        leakage=OUT / "stats" / "leakage.json",
+        clusters=OUT / "clusters.parquet",
+        sequences=OUT / "sequences.parquet",
+        leakage=ancient(OUT / "stats" / "leakage.json"),
     output:
         validation=directory(OUT / "validation"),
         stats=OUT / "stats" / "validation.json",
     log:
         OUT / "logs" / "validation.log",
     shell:
-        "{ESM2_DATA} validation --config {input.config} 2>&1 | tee {log}"
+        "{ESM2_DATA} validation --config {RESOLVED} 2>&1 | tee {log}"
 
 
 rule manifest:
-    input:
+    input:  # it hashes every output of the build, so it reads all of them
         config=RESOLVED,
-        shards=OUT / "stats" / "shards.json",
-        validation=OUT / "stats" / "validation.json",
+        download=OUT / "raw" / "download.json",
+        sequences=OUT / "sequences.parquet",
+        records=OUT / "records.parquet",
+        clusters=OUT / "clusters.parquet",
+        splits=OUT / "splits.parquet",
+        shards=OUT / "shards",
+        shard_stats=OUT / "stats" / "shards.json",
+        validation=OUT / "validation",
+        validation_stats=OUT / "stats" / "validation.json",
         leakage=OUT / "stats" / "leakage.json",
     output:
         MANIFEST,
     log:
         OUT / "logs" / "manifest.log",
     shell:
-        "{ESM2_DATA} manifest --config {input.config} 2>&1 | tee {log}"
+        "{ESM2_DATA} manifest --config {RESOLVED} 2>&1 | tee {log}"
 
 
 # ---- training: `snakemake ... train` (the README's demo runs `all train`) --------------------

@@ -200,6 +200,25 @@ def load_config(path: str | os.PathLike[str]) -> BuildConfig:
     return parse_config(data, str(p))
 
 
+# The parts of the config each stage's outputs depend on (``threads`` changes no output: the
+# tests check that; ``out_dir`` is where, not what). The manifest records the whole config.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "download": ("release", "inputs", "download"),
+    "ingest": ("inputs", "ingest"),
+    "cluster": ("cluster",),
+    "split": ("seed", "split", "cluster"),
+    "check_leakage": ("seed", "leakage", "cluster"),
+    "shards": ("seed", "shards"),
+    "validation": ("seed", "validation"),
+}
+
+
+def stage_config(cfg: BuildConfig, stage: str) -> dict[str, Any]:
+    """The part of the resolved config that ``stage``'s outputs depend on."""
+    data = cfg.model_dump(mode="json")
+    return {key: data[key] for key in STAGE_SECTIONS[stage]}
+
+
 def config_to_dict(cfg: BuildConfig) -> dict[str, Any]:
     """The resolved config (defaults filled in) as plain data, for manifests."""
     return cfg.model_dump(mode="json")

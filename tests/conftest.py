@@ -26,8 +26,8 @@ def sample_config(root: Path) -> Path:
     cfg = yaml.safe_load((REPO / "config" / "sample.yaml").read_text())
     for item in cfg["inputs"]:
         item["url"] = str(REPO / item["url"])
-    cfg["out_dir"] = str(root / "build")
-    cfg["manifest_dir"] = str(root / "manifests")
+    cfg["out_dir"] = "build"  # relative to Snakemake's --directory (root): a copied build
+    cfg["manifest_dir"] = "manifests"  # with its config is the same build
     path = root / "sample.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

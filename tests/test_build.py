@@ -118,7 +118,7 @@ def test_keys_with_dots_round_trip() -> None:
 def test_verify_passes_then_names_a_changed_shard(
     sample_build: SampleBuild, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["verify", str(sample_build.manifest)]) == 0
+    assert main(["verify", str(sample_build.manifest), "--out-dir", str(sample_build.out)]) == 0
     copy = tmp_path / "copy"
     shutil.copytree(sample_build.out, copy)
     shard = copy / "shards" / "train" / "train-000001.tar"
@@ -193,6 +193,64 @@ def test_kill_mid_build_then_rerun_gives_same_bytes(
     assert outputs(tmp_path / "manifests" / "sample.json") == outputs(sample_build.manifest)
     leftovers = [p for p in (tmp_path / "build").iterdir() if p.name.startswith(".")]
     assert leftovers == []
+
+
+def copy_of_build(sample_build: SampleBuild, dest: Path, **changes: object) -> Path:
+    """A copy of the sample build (times kept) and its config with ``section.key`` changes."""
+    import yaml
+
+    shutil.copytree(sample_build.root, dest, symlinks=True)
+    cfg = yaml.safe_load(sample_build.config.read_text())
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        cfg[section][key] = value
+    config = dest / "sample.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    return config
+
+
+def planned_jobs(root: Path, config: Path) -> set[str]:
+    """The rules a Snakemake dry run would run."""
+    result = snakemake(root, config, "--dry-run")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return set()
+    table = text.split("Job stats:")[1].split("\n\n")[0]
+    return {line.split()[0] for line in table.splitlines()[3:] if len(line.split()) == 2} - {
+        "total", "all"}
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({}, set()),
+    ({"leakage__max_fraction": 0.5}, {"check_leakage", "manifest"}),
+    ({"validation__size": 50}, {"validation", "manifest"}),
+    ({"shards__max_shard_bytes": 100_000}, {"shards", "manifest"}),
+    ({"split__valid_fraction": 0.12}, {"split", "check_leakage", "shards", "validation",
+                                       "manifest"}),
+    ({"ingest__row_group_rows": 1000}, {"ingest", "cluster", "split", "check_leakage", "shards",
+                                        "validation", "manifest"}),
+], ids=["nothing", "leakage", "validation", "shards", "split", "ingest"])
+def test_a_config_edit_reruns_only_what_it_affects(sample_build: SampleBuild, tmp_path: Path,
+                                                   change: dict, expected: set) -> None:
+    config = copy_of_build(sample_build, tmp_path / "b", **change)
+    assert planned_jobs(tmp_path / "b", config) == expected
+
+
+@pytest.mark.parametrize(("deleted", "expected"), [
+    ("sequences.parquet", {"ingest", "cluster", "split", "check_leakage", "shards", "validation",
+                           "manifest"}),
+    ("clusters.parquet", {"cluster", "split", "check_leakage", "shards", "validation",
+                          "manifest"}),
+    ("splits.parquet", {"split", "check_leakage", "shards", "validation", "manifest"}),
+    ("shards", {"shards", "manifest"}),
+])
+def test_a_deleted_intermediate_reruns_its_stage_and_what_follows(
+        sample_build: SampleBuild, tmp_path: Path, deleted: str, expected: set) -> None:
+    config = copy_of_build(sample_build, tmp_path / "b")
+    path = tmp_path / "b" / "build" / deleted
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert planned_jobs(tmp_path / "b", config) == expected
 
 
 def test_dataset_report_notebook_runs(sample_build: SampleBuild, monkeypatch) -> None:
