@@ -9,14 +9,14 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import OutputExistsError
+from pipeline.errors import OutputExistsError, PipelineError
 
 
 def remove_stale(parent: Path, name: str) -> None:
     """Remove temporaries (``.NAME.*.tmp``) left next to ``NAME`` by a killed earlier run.
 
-    Stages run one at a time per build directory (Snakemake locks it), so a temporary of the
-    same output found at start can only be a leftover.
+    A stage holds its lock (:func:`stage_lock`) while it runs, so a temporary of the same
+    output found at start can only be a leftover.
     """
     for stale in parent.glob(f".{name}.*.tmp"):
         if stale.is_dir() and not stale.is_symlink():
@@ -96,3 +96,24 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def stage_lock(out_dir: str | os.PathLike[str], stage: str) -> Iterator[None]:
+    """Hold ``<out_dir>/logs/.<stage>.lock`` while a stage runs: a second writer of the same
+    outputs (a stage run by hand beside Snakemake) fails at once instead of interleaving."""
+    import fcntl
+
+    path = Path(out_dir) / "logs" / f".{stage}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineError(
+                f"{out_dir}: the {stage} stage is already running on this build (another "
+                f"process holds {path}); wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

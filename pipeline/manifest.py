@@ -149,10 +149,25 @@ def compare_outputs(expected: list[dict], out: Path, prefix: str = "") -> list[s
             problems.append(f"{entry['path']}: size {path.stat().st_size} != {entry['bytes']}")
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"{entry['path']}: sha256 differs from the manifest")
-    for p in list_outputs(out) if not prefix else []:
-        if p["path"] not in known:
-            problems.append(f"{p['path']}: not in the manifest")
+    for path in [] if prefix else _build_files(out):
+        if path not in known:
+            problems.append(f"{path}: not in the manifest")
     return problems
+
+
+# What a build directory holds besides its outputs: inputs and bookkeeping, never hashed.
+_BOOKKEEPING = ("raw/", "logs/", "config/", "build_config.yaml")
+
+
+def _build_files(out: Path) -> list[str]:
+    """Every file under ``out`` that should be an output (anywhere, not just the output
+    patterns: an extra file at the top is reported too); bookkeeping and dotfiles left out."""
+    files = []
+    for path in sorted(out.rglob("*")):
+        rel = path.relative_to(out).as_posix()
+        if path.is_file() and not path.name.startswith(".") and not rel.startswith(_BOOKKEEPING):
+            files.append(rel)
+    return files
 
 
 def verify(manifest_file: str | Path, out_dir: str | Path | None = None) -> list[str]:

@@ -66,5 +66,8 @@ STAGES: dict[str, Callable[[BuildConfig], dict]] = {
 
 
 def run_stage(name: str, cfg: BuildConfig) -> dict:
-    """Run one stage of a build."""
-    return STAGES[name](cfg)
+    """Run one stage of a build (holding the stage's lock on the build directory)."""
+    from pipeline.atomic import stage_lock
+
+    with stage_lock(cfg.out_dir, name):
+        return STAGES[name](cfg)

@@ -47,3 +47,27 @@ def test_stale_temporaries_of_a_killed_run_are_removed(tmp_path: Path) -> None:
     with scratch_dir(tmp_path, "split") as work:
         assert work.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
+
+
+def test_a_stage_run_beside_another_run_of_it_fails_at_once(tmp_path: Path) -> None:
+    """`esm2-data ingest --config C` while another process runs ingest on the same build."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from pipeline.atomic import stage_lock
+    from tests.helpers import REPO, SAMPLE_FASTA
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"build": "t", "out_dir": str(tmp_path / "out"),
+                                      "inputs": [{"url": str(SAMPLE_FASTA)}]}))
+    with stage_lock(tmp_path / "out", "ingest"):
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", "--config",
+                                 str(config)], cwd=REPO, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 1
+        assert "the ingest stage is already running on this build" in result.stderr
+        assert not (tmp_path / "out" / "sequences.parquet").exists()
+        with stage_lock(tmp_path / "out", "cluster"):  # another stage is not blocked
+            pass

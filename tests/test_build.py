@@ -133,6 +133,17 @@ def test_verify_passes_then_names_a_changed_shard(
     (copy / "validation" / "validation.fasta").unlink()
     assert main(["verify", str(sample_build.manifest), "--out-dir", str(copy)]) == 1
     assert "validation/validation.fasta: missing" in capsys.readouterr().err
+    shutil.copy2(sample_build.out / "shards" / "train" / "train-000001.tar", shard)
+    shutil.copy2(sample_build.out / "validation" / "validation.fasta",
+                 copy / "validation" / "validation.fasta")
+    assert main(["verify", str(sample_build.manifest), "--out-dir", str(copy)]) == 0
+    capsys.readouterr()
+    (copy / "notes.txt").write_text("an extra file at the top\n")
+    (copy / "shards" / "train" / "extra.tar").write_bytes(b"x")
+    assert main(["verify", str(sample_build.manifest), "--out-dir", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "notes.txt: not in the manifest" in err
+    assert "shards/train/extra.tar: not in the manifest" in err
 
 
 def test_manifest_content(sample_build: SampleBuild, capsys: pytest.CaptureFixture[str]) -> None:

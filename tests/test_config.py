@@ -64,3 +64,18 @@ def test_cli_missing_and_invalid_yaml(tmp_path: Path, capsys) -> None:
     broken.write_text("build: [unclosed\n")
     assert main(["show-config", "--config", str(broken)]) == 1
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_show_config_into_a_closed_pipe_is_quiet() -> None:
+    """`esm2-data show-config --config C | head` : the reader leaves early, no traceback."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "show-config", "--config",
+                             str(REPO / "config" / "sample.yaml")], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before anything is written
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
