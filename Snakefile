@@ -47,7 +47,8 @@ def _stale_manifest_if_incomplete() -> None:
     is moved aside (<build>.json.stale), and the stage that makes the missing file reruns, with
     everything that follows it."""
     made = ["raw/download.json", "sequences.parquet", "records.parquet", "clusters.parquet",
-            "splits.parquet", "stats/leakage.json", "shards", "validation"]
+            "cluster_links.parquet", "splits.parquet", "stats/leakage.json", "shards",
+            "validation"]
     missing = [name for name in made if not (OUT / name).exists()]
     if MANIFEST.exists() and missing:
         MANIFEST.replace(MANIFEST.with_name(MANIFEST.name + ".stale"))
@@ -98,6 +99,7 @@ rule cluster:
         records=OUT / "records.parquet",
     output:
         clusters=OUT / "clusters.parquet",
+        links=OUT / "cluster_links.parquet",
         stats=OUT / "stats" / "cluster.json",
     log:
         OUT / "logs" / "cluster.log",
@@ -110,6 +112,7 @@ rule split:
     input:
         config=STAGE_CONFIG["split"],
         clusters=OUT / "clusters.parquet",
+        links=OUT / "cluster_links.parquet",
         sequences=OUT / "sequences.parquet",
         records=OUT / "records.parquet",
     output:
@@ -178,6 +181,7 @@ rule manifest:
         sequences=OUT / "sequences.parquet",
         records=OUT / "records.parquet",
         clusters=OUT / "clusters.parquet",
+        links=OUT / "cluster_links.parquet",
         splits=OUT / "splits.parquet",
         shards=OUT / "shards",
         shard_stats=OUT / "stats" / "shards.json",

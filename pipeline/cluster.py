@@ -6,12 +6,16 @@ MMseqs2 sees sequences under their row number in ``sequences.parquet`` (no heade
 surprises); results are joined back to accessions, and every record collapsed as an exact
 duplicate at ingest inherits its representative's clusters. Output ``clusters.parquet``:
 accession, rep90 (``UniRef90_<acc>``), rep50 (``UniRef50_<acc>``), sorted by rep50, rep90,
-accession; cluster-size statistics in ``stats/cluster.json``.
+accession; cluster-size statistics in ``stats/cluster.json``. The UniRef50 clustering's own
+alignments (every cascade step) that join two different clusters are kept as
+``cluster_links.parquet`` (a, b, identity): split linking for free, no extra search.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,10 @@ from pipeline.errors import PipelineError
 from pipeline.mmseqs import MMseqs
 from pipeline.progress import progress_bar
 
+log = logging.getLogger(__name__)
 _FASTA_BATCH = 65_536
+# UniRef50 cluster pairs that the UniRef50 clustering aligned across clusters (split linking)
+LINKS = "cluster_links.parquet"
 
 
 def write_indexed_fasta(sequences: Path, dest: Path, keep: np.ndarray | None = None) -> int:
@@ -48,8 +55,13 @@ def write_indexed_fasta(sequences: Path, dest: Path, keep: np.ndarray | None = N
     return written
 
 
-def run_clustering(mm: MMseqs, fasta: Path, work: Path, stage: ClusterStage) -> pl.DataFrame:
-    """Cluster a FASTA of ``>row`` records; returns (member, rep) row numbers."""
+def run_clustering(mm: MMseqs, fasta: Path, work: Path, stage: ClusterStage,
+                   keep_alignments: bool = False) -> pl.DataFrame:
+    """Cluster a FASTA of ``>row`` records; returns (member, rep) row numbers.
+
+    ``keep_alignments``: keep MMseqs2's intermediate alignment databases (every cascade step's
+    ``aln_step*``, and linclust's ``aln``) under ``work/tmp`` for :func:`alignment_pairs`.
+    """
     work.mkdir(parents=True, exist_ok=True)
     db, clu, tsv = work / "db", work / "clu", work / "clusters.tsv"
     mm.run("createdb", fasta, db, "--dbtype", "1", "--shuffle", "0", threads=False)
@@ -59,12 +71,61 @@ def run_clustering(mm: MMseqs, fasta: Path, work: Path, stage: ClusterStage) -> 
     ]
     if stage.method == "cluster" and stage.sensitivity is not None:
         args += ["-s", str(stage.sensitivity)]
+    if keep_alignments:
+        args += ["--remove-tmp-files", "0"]
     mm.run(stage.method, db, clu, work / "tmp", *args, *stage.extra_args)
     mm.run("createtsv", db, db, clu, tsv)
     return pl.read_csv(
         tsv, separator="\t", has_header=False, new_columns=["rep", "member"],
         schema_overrides={"rep": pl.Int64, "member": pl.Int64},
     ).select("member", "rep")
+
+
+def alignment_pairs(mm: MMseqs, work: Path) -> pl.LazyFrame:
+    """(query, target, identity) row pairs of every alignment the clustering in ``work`` made
+    (all cascade steps, kept by ``run_clustering(keep_alignments=True)``); self pairs dropped.
+    Every kept alignment already passed the stage's identity and coverage thresholds."""
+    frames = []
+    for dbtype in sorted((work / "tmp").rglob("aln*.dbtype")):
+        aln = dbtype.with_suffix("")
+        tsv = aln.with_name(aln.name + ".pairs.tsv")
+        mm.run("createtsv", work / "db", work / "db", aln, tsv)
+        if tsv.stat().st_size == 0:
+            continue
+        # columns: query, target, bits, identity, evalue, qstart, qend, qlen, tstart, tend, tlen
+        frames.append(
+            pl.scan_csv(tsv, separator="\t", has_header=False,
+                        new_columns=["query", "target", "bits", "identity"],
+                        extra_columns="ignore",
+                        schema_overrides={"query": pl.Int64, "target": pl.Int64,
+                                          "identity": pl.Float64})
+            .select("query", "target", "identity")
+            .filter(pl.col("query") != pl.col("target"))
+        )
+    empty = pl.LazyFrame(schema={"query": pl.Int64, "target": pl.Int64, "identity": pl.Float64})
+    return pl.concat(frames) if frames else empty
+
+
+def cross_cluster_links(pairs: pl.LazyFrame, c50: pl.DataFrame,
+                        names: pl.DataFrame) -> pl.DataFrame:
+    """UniRef50 cluster pairs (a < b) joined by an alignment, with the best identity."""
+    rep_of = c50.rename({"member": "row", "rep": "rep_row"}).lazy()
+    acc = names.rename({"row": "rep_row"}).lazy()
+    return (
+        pairs.join(rep_of.rename({"row": "query", "rep_row": "qrep"}), on="query")
+        .join(rep_of.rename({"row": "target", "rep_row": "trep"}), on="target")
+        .filter(pl.col("qrep") != pl.col("trep"))
+        .join(acc.rename({"rep_row": "qrep", "acc": "qacc"}), on="qrep")
+        .join(acc.rename({"rep_row": "trep", "acc": "tacc"}), on="trep")
+        .select(
+            ("UniRef50_" + pl.min_horizontal("qacc", "tacc")).alias("a"),
+            ("UniRef50_" + pl.max_horizontal("qacc", "tacc")).alias("b"),
+            "identity",
+        )
+        .group_by("a", "b").agg(pl.col("identity").max())
+        .sort("a", "b")
+        .collect(engine="streaming")
+    )
 
 
 def _size_stats(sizes: pl.Series) -> dict:
@@ -101,10 +162,15 @@ def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
         is_rep90 = np.zeros(n, dtype=bool)
         is_rep90[c90.get_column("rep").unique().to_numpy()] = True
         write_indexed_fasta(sequences, tmp / "rep90.fasta", keep=is_rep90)
-        c50 = run_clustering(mm, tmp / "rep90.fasta", tmp / "uniref50", cfg.uniref50)
+        c50 = run_clustering(mm, tmp / "rep90.fasta", tmp / "uniref50", cfg.uniref50,
+                             keep_alignments=True)
         _check_complete(c50, int(is_rep90.sum()), "UniRef50")
+        names = pl.DataFrame({"row": np.arange(n), "acc": accessions})
+        started = time.perf_counter()
+        links = cross_cluster_links(alignment_pairs(mm, tmp / "uniref50"), c50, names)
+        log.info("alignment links: %d cluster pairs in %.2f s", links.height,
+                 time.perf_counter() - started)
         bar.update(1)
-    names = pl.DataFrame({"row": np.arange(n), "acc": accessions})
     rows = (
         c90.rename({"member": "row", "rep": "rep90_row"})
         .join(c50.rename({"member": "rep90_row", "rep": "rep50_row"}), on="rep90_row")
@@ -127,6 +193,8 @@ def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
         raise PipelineError(f"{records}: records whose sequence was not clustered (stale input?)")
     with atomic_path(out / "clusters.parquet") as tmp_out:
         table.write_parquet(tmp_out, compression="zstd", row_group_size=1_000_000)
+    with atomic_path(out / LINKS) as tmp_out:
+        links.write_parquet(tmp_out, compression="zstd", row_group_size=1_000_000)
     stats = {
         "mmseqs_version": mm.version,
         "sequences": n,
@@ -136,6 +204,7 @@ def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
         "uniref90_per_uniref50": _size_stats(
             table.select("rep50", "rep90").unique().group_by("rep50").len().get_column("len")
         ),
+        "alignment_links": links.height,
         "params": cfg.model_dump(mode="json"),
     }
     write_text_atomic(out / "stats" / "cluster.json", json.dumps(stats, indent=2) + "\n")

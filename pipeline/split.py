@@ -132,9 +132,10 @@ def split(
         "pins": cfg.pins,
         **info,
         "linking": None if cfg.link_identity is None else {
-            "identity": cfg.link_identity, "coverage": cfg.link_coverage,
-            "sensitivity": cfg.link_sensitivity, "queries": cfg.link_queries,
-            "max_seqs": cfg.link_max_seqs,
+            "method": cfg.link_method, "identity": cfg.link_identity,
+            **({} if cfg.link_method == "alignments" else {
+                "coverage": cfg.link_coverage, "sensitivity": cfg.link_sensitivity,
+                "queries": cfg.link_queries, "max_seqs": cfg.link_max_seqs}),
         },
         "cluster_links": links,
         "split_groups": table.get_column("group").n_unique(),

@@ -268,3 +268,27 @@ def test_dataset_report_notebook_runs(sample_build: SampleBuild, monkeypatch) ->
     monkeypatch.setenv("ESM2_MANIFEST", str(sample_build.manifest))
     monkeypatch.setenv("ESM2_BUILD_DIR", str(sample_build.out))
     assert run_notebook("dataset_report.ipynb") == 4
+
+
+def test_alignment_links_join_clusters_into_split_groups(sample_build: SampleBuild) -> None:
+    """cluster_links.parquet: pairs of different UniRef50 clusters the clustering aligned at
+    >= 50%; link_method: alignments puts each pair in one split group, with no search."""
+    from pipeline.config import SplitConfig
+    from pipeline.linking import link_clusters
+
+    out = sample_build.out
+    links = pl.read_parquet(out / "cluster_links.parquet")
+    reps = set(pl.read_parquet(out / "clusters.parquet").get_column("rep50"))
+    assert links.height > 0
+    assert (links.get_column("a") < links.get_column("b")).all()
+    assert set(links.get_column("a")) | set(links.get_column("b")) <= reps
+    assert links.get_column("identity").min() >= 0.5
+    assert links.get_column("identity").max() <= 1.0
+    groups, n = link_clusters(out, SplitConfig(link_method="alignments"), 1, None)
+    assert n == links.height and groups.height == len(reps)
+    group_of = dict(groups.iter_rows())
+    assert all(group_of[a] == group_of[b] for a, b in links.select("a", "b").iter_rows())
+    strict, n_strict = link_clusters(out, SplitConfig(link_method="alignments",
+                                                      link_identity=0.9), 1, None)
+    assert n_strict < n and strict.get_column("group").n_unique() > groups.get_column(
+        "group").n_unique()

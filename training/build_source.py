@@ -128,15 +128,19 @@ def _locked(dest: Path) -> Iterator[None]:
 
 
 def _download(url: str, dest: Path, sha256: str | None) -> None:
+    """Fetch ``url`` and put it at ``dest`` in one rename: a rank reading the cached copy
+    meanwhile (another rank refreshing the index) never finds it missing or half-written."""
+    fresh = dest.with_name(f".{dest.name}.{os.getpid()}.fetch")
     if urlparse(url).scheme in _HTTP:
         from pipeline.download import fetch
 
-        dest.unlink(missing_ok=True)
-        fetch(url, dest, sha256=sha256)  # resumable, verified, atomic
+        fresh.unlink(missing_ok=True)
+        fetch(url, fresh, sha256=sha256)  # resumable, verified, atomic
+        os.replace(fresh, dest)
         return
     import fsspec  # object stores (s3fs, gcsfs, ...): whatever fsspec has installed
 
-    part = dest.with_name(dest.name + ".part")
+    part = fresh
     try:
         with fsspec.open(url, "rb") as src, open(part, "wb") as out:
             while block := src.read(1 << 22):
