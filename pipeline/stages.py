@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 
 from pipeline.config import BuildConfig
 
@@ -69,5 +71,22 @@ def run_stage(name: str, cfg: BuildConfig) -> dict:
     """Run one stage of a build (holding the stage's lock on the build directory)."""
     from pipeline.atomic import stage_lock
 
-    with stage_lock(cfg.out_dir, name):
+    with stage_lock(cfg.out_dir, name), mmseqs_runner(cfg.cluster.runner):
         return STAGES[name](cfg)
+
+
+@contextlib.contextmanager
+def mmseqs_runner(runner: str | None) -> Iterator[None]:
+    """Set MMseqs2's ``RUNNER`` (the config's ``cluster.runner``) for a stage's MMseqs2 runs."""
+    if runner is None:
+        yield
+        return
+    saved = os.environ.get("RUNNER")
+    os.environ["RUNNER"] = runner
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("RUNNER", None)
+        else:
+            os.environ["RUNNER"] = saved
