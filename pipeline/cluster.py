@@ -205,7 +205,7 @@ def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
             table.select("rep50", "rep90").unique().group_by("rep50").len().get_column("len")
         ),
         "alignment_links": links.height,
-        "params": cfg.model_dump(mode="json"),
+        "params": cfg.model_dump(mode="json", exclude={"runner"}),  # where, not what
     }
     write_text_atomic(out / "stats" / "cluster.json", json.dumps(stats, indent=2) + "\n")
     return stats
