@@ -4,10 +4,11 @@
 build directory) or an object-store URL that fsspec knows (``s3://…``, ``gs://…`` with s3fs or
 gcsfs installed). A remote build's files are fetched on first use into the cache directory
 (``--cache-dir``, else ``$ESM2_CACHE``, else ``~/.cache/esm2-pretrain``) under a name derived from
-the URL: ``index.json`` and the per-sample arrays when a split is opened, each shard when a
-loader worker first reads from it. Shards are checked against the sha256 that ``index.json``
-lists before they are used; fetches resume after a dropped connection and land atomically, and
-ranks that share a cache take turns through a lock file, so one node fetches each file once.
+the URL: ``index.json`` when a split is opened (and the per-sample arrays when they are not
+cached or the index changed), each shard when a loader worker first reads from it. Shards are
+checked against the sha256 that ``index.json`` lists before they are used; fetches resume after
+a dropped connection and land atomically, and ranks that share a cache take turns through a lock
+file, so one node fetches each file once.
 """
 
 from __future__ import annotations
@@ -76,10 +77,12 @@ class BuildSource:
     def split_dir(self, split: str) -> Path:
         """The local directory of ``shards/<split>`` with its index and arrays (not the shards)."""
         rel = f"shards/{split}"
-        if self.remote:
-            self.fetch(f"{rel}/{INDEX}", refresh=True)
+        if self.remote:  # the index always; the arrays (GBs at scale) only when it changed
+            cached = self.path(f"{rel}/{INDEX}")
+            before = cached.read_bytes() if cached.is_file() else None
+            changed = self.fetch(f"{rel}/{INDEX}", refresh=True).read_bytes() != before
             for file, _ in ARRAYS.values():
-                self.fetch(f"{rel}/{file}", refresh=True)
+                self.fetch(f"{rel}/{file}", refresh=changed)
         elif not (self.root / rel / INDEX).is_file():
             raise PipelineError(f"{self.root}: not a dataset build (no {rel}/{INDEX})")
         return self.root / rel

@@ -93,7 +93,7 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
+def _launch(args: argparse.Namespace, resume: str) -> int:
     """``esm2-train train --nproc-per-node N``: check what every rank would check, once, then
     start N ranks with torchrun's machinery on this machine."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -103,21 +103,13 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from training.build_source import BuildSource
     from training.config import load_train_config
     from training.run_dir import RunDir
+    from training.train import check_split_feeds
 
     load_train_config(args.config)
-    train = SplitIndex(BuildSource(args.data, args.cache_dir).split_dir("train"))
-    if len(train) < args.nproc_per_node:
-        raise UserError(f"{args.data}: the train split has {len(train)} UniRef50 clusters, fewer "
-                        f"than the {args.nproc_per_node} ranks")
-    run_dir = RunDir(Path(args.out))
-    if args.resume and run_dir.latest() is None:
-        raise UserError(f"{run_dir.root}: no complete checkpoint to resume from (drop --resume to "
-                        "start a new run, or use --resume-or-start)")
-    if not (args.resume or args.resume_or_start or args.overwrite) and run_dir.in_use():
-        raise UserError(f"{run_dir.root}: already holds a training run "
-                        f"({', '.join(run_dir.in_use())}); --resume continues it, --overwrite "
-                        "replaces it")
-    rest = list(argv)
+    source = BuildSource(args.data, args.cache_dir)
+    check_split_feeds(SplitIndex(source.split_dir("train")), args.nproc_per_node, source)
+    RunDir(Path(args.out)).resume_tag(resume, args.overwrite)
+    rest = list(args.argv)
     at = next(i for i, a in enumerate(rest) if a.startswith("--nproc-per-node"))
     del rest[at : at + (1 if "=" in rest[at] else 2)]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -133,17 +125,16 @@ def _launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from training.build_source import BuildSource
     from training.config import load_train_config
     from training.train import run_training
 
+    resume = "auto" if args.resume_or_start else "yes" if args.resume else "no"
     if args.nproc_per_node and "RANK" not in os.environ:
-        return _launch(args, args.argv)
+        return _launch(args, resume)
     cfg = load_train_config(args.config)
     if args.steps:
         cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"steps": args.steps})})
-    resume = "auto" if args.resume_or_start else "yes" if args.resume else "no"
-    from training.build_source import BuildSource
-
     trainer, history = run_training(cfg, BuildSource(args.data, args.cache_dir), Path(args.out),
                                     resume, args.overwrite, progress=not args.no_progress)
     if trainer.rank == 0 and history:

@@ -385,15 +385,21 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> E
         return ESM2(cfg)
 
 
+def mlm_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Summed cross-entropy (float32) over positions whose label is not ``ignore_index``
+    (0 when there are none)."""
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=ignore_index,
+                           reduction="sum")
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean cross-entropy (float32) over positions whose label is not ``ignore_index``.
 
     0 when there are none (no NaN, no host sync).
     """
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_labels = labels.reshape(-1)
-    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
-    return total / (flat_labels != ignore_index).sum().clamp(min=1)
+    masked = (labels.reshape(-1) != ignore_index).sum().clamp(min=1)
+    return mlm_nll(logits, labels, ignore_index) / masked
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.atomic import write_text_atomic
+from training.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -97,6 +98,22 @@ class RunDir:
     def in_use(self) -> list[str]:
         """What of a run this directory already holds (empty: a fresh directory)."""
         return [name for name in _CONTENTS if (self.root / name).exists()]
+
+    def resume_tag(self, resume: str, overwrite: bool) -> str | None:
+        """The checkpoint a run starts from, or None for a fresh start, by the resume mode:
+        ``no`` (the directory must not hold a run unless ``overwrite``), ``yes`` (a complete
+        checkpoint must exist) or ``auto`` (resume if there is one). Raises what is wrong."""
+        tag = self.latest()
+        if resume == "yes" and tag is None:
+            raise UserError(f"{self.root}: no complete checkpoint to resume from (drop --resume "
+                            "to start a new run, or use --resume-or-start)")
+        if resume != "no" and tag is not None:
+            return tag
+        used = self.in_use()
+        if used and not overwrite and resume != "auto":
+            raise UserError(f"{self.root}: already holds a training run ({', '.join(used)}); "
+                            "--resume continues it, --overwrite replaces it")
+        return None
 
     def clear(self) -> None:
         """Remove a previous run's files (``--overwrite``); other files are left alone."""

@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pipeline.shards import SplitIndex
 from training.build_source import BuildSource
@@ -35,7 +34,7 @@ from training.config import OptimSection, TrainConfig
 from training.data import IGNORE_INDEX, make_loader
 from training.errors import RankError, StoppedByPeer, UserError
 from training.evaluate import evaluation_batches, model_forward, perplexity
-from training.model import build_model
+from training.model import build_model, mlm_nll
 from training.run_dir import RunDir
 from training.sampler import Position
 
@@ -118,6 +117,15 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
 
 
+def check_split_feeds(train: SplitIndex, world: int, source: object) -> None:
+    """Every rank needs at least one train cluster (else one error, before any collective)."""
+    if len(train) < world:
+        raise UserError(
+            f"{source}: the train split has {len(train)} UniRef50 clusters, fewer than the "
+            f"{world} ranks: every rank needs at least one cluster (use fewer ranks or a larger "
+            "build)")
+
+
 class Trainer:
     """One rank of a training run."""
 
@@ -141,12 +149,7 @@ class Trainer:
             torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         )
         self.train_dir = self.source.split_dir("train")
-        self.train_index = SplitIndex(self.train_dir)
-        if len(self.train_index) < self.world:
-            raise UserError(
-                f"{self.source}: the train split has {len(self.train_index)} UniRef50 clusters, "
-                f"fewer than the {self.world} ranks: every rank needs at least one cluster "
-                "(use fewer ranks or a larger build)")
+        check_split_feeds(SplitIndex(self.train_dir), self.world, self.source)
         self.tokens_per_step = cfg.run.tokens_per_step or cfg.data.tokens_per_batch
         self.resume_tag = self._prepare_run_dir(resume, overwrite)
         universal = False
@@ -181,23 +184,14 @@ class Trainer:
 
     # run directory and checkpoints ------------------------------------------------------------
     def _prepare_run_dir(self, resume: str, overwrite: bool) -> str | None:
-        """Check the run directory against the resume mode; returns the tag to resume from."""
-        run = self.run_dir
-        tag = run.latest()
-        if resume == "yes" and tag is None:
-            raise UserError(f"{run.root}: no complete checkpoint to resume from (drop --resume to "
-                            "start a new run, or use --resume-or-start)")
-        if resume != "no" and tag is not None:
-            return tag
-        used = run.in_use()
-        if used and not overwrite and resume != "auto":
-            raise UserError(f"{run.root}: already holds a training run ({', '.join(used)}); "
-                            "--resume continues it, --overwrite replaces it")
-        dist.barrier()
-        if self.rank == 0:
-            run.clear()
-        dist.barrier()
-        return None
+        """The tag to resume from; a fresh start clears what a previous run left."""
+        tag = self.run_dir.resume_tag(resume, overwrite)
+        if tag is None:
+            dist.barrier()
+            if self.rank == 0:
+                self.run_dir.clear()
+            dist.barrier()
+        return tag
 
     def _convert_to_universal(self, tag: str) -> None:
         """ZeRO partitions saved on another world size → DeepSpeed's universal checkpoint."""
@@ -270,9 +264,7 @@ class Trainer:
             attention_mask=moved.get("attention_mask"),
             seq_ids=moved.get("seq_ids"),
         )["logits"]
-        labels = moved["labels"].reshape(-1)
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels,
-                              ignore_index=IGNORE_INDEX, reduction="sum")
+        nll = mlm_nll(logits, moved["labels"], IGNORE_INDEX)
         return nll + 0.0 * logits.sum()  # a graph even when no position is masked
 
     def evaluate(self) -> dict[str, float] | None:
