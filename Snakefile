@@ -21,6 +21,14 @@ RESOLVED = OUT / "build_config.yaml"
 ESM2_DATA = f"{sys.executable} -m pipeline.cli"
 
 
+def stage(command: str) -> str:
+    """A rule's shell command: its output goes to the terminal and the rule's log, whose last
+    line on failure is the one-line `esm2-data: error:` (or `esm2-train: error:`), repeated in
+    Snakemake's report of the failed job."""
+    return (f"{command} 2>&1 | tee {{log}} || "
+            "(echo \"{rule} failed: $(tail -n 1 {log})\" >&2; exit 1)")
+
+
 STAGE_CONFIG = {stage: OUT / "config" / f"{stage}.yaml" for stage in STAGE_SECTIONS}
 
 
@@ -75,13 +83,30 @@ rule download:
     log:
         OUT / "logs" / "download.log",
     shell:
-        "{ESM2_DATA} download --config {RESOLVED} 2>&1 | tee {log}"
+        stage("{ESM2_DATA} download --config {RESOLVED}")
+
+
+# Each input file (Swiss-Prot, TrEMBL, ...) is parsed by its own job, side by side; the merge
+# collapses duplicates across all of them: the same bytes as one job over the concatenated files.
+rule ingest_part:
+    input:
+        config=STAGE_CONFIG["ingest"],
+        download=OUT / "raw" / "download.json",
+    output:
+        temp(directory(OUT / "ingest_parts" / "{part}")),
+    wildcard_constraints:
+        part=r"\d+",
+    log:
+        OUT / "logs" / "ingest-{part}.log",
+    shell:
+        stage("{ESM2_DATA} ingest --config {RESOLVED} --part {wildcards.part}")
 
 
 rule ingest:
     input:
         config=STAGE_CONFIG["ingest"],
         download=OUT / "raw" / "download.json",
+        parts=[OUT / "ingest_parts" / str(i) for i in range(len(CFG.inputs))],
     output:
         sequences=OUT / "sequences.parquet",
         records=OUT / "records.parquet",
@@ -89,7 +114,7 @@ rule ingest:
     log:
         OUT / "logs" / "ingest.log",
     shell:
-        "{ESM2_DATA} ingest --config {RESOLVED} 2>&1 | tee {log}"
+        stage("{ESM2_DATA} ingest --config {RESOLVED} --merge")
 
 
 rule cluster:
@@ -105,7 +130,7 @@ rule cluster:
         OUT / "logs" / "cluster.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} cluster --config {RESOLVED} --threads {threads} 2>&1 | tee {log}"
+        stage("{ESM2_DATA} cluster --config {RESOLVED} --threads {threads}")
 
 
 rule split:
@@ -122,7 +147,7 @@ rule split:
         OUT / "logs" / "split.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} split --config {RESOLVED} --threads {threads} 2>&1 | tee {log}"
+        stage("{ESM2_DATA} split --config {RESOLVED} --threads {threads}")
 
 
 rule check_leakage:
@@ -137,7 +162,7 @@ rule check_leakage:
         OUT / "logs" / "leakage.log",
     threads: CFG.threads
     shell:
-        "{ESM2_DATA} check-leakage --config {RESOLVED} --threads {threads} 2>&1 | tee {log}"
+        stage("{ESM2_DATA} check-leakage --config {RESOLVED} --threads {threads}")
 
 
 rule shards:
@@ -155,7 +180,7 @@ rule shards:
     log:
         OUT / "logs" / "shards.log",
     shell:
-        "{ESM2_DATA} shards --config {RESOLVED} 2>&1 | tee {log}"
+        stage("{ESM2_DATA} shards --config {RESOLVED}")
 
 
 rule validation:
@@ -171,7 +196,7 @@ rule validation:
     log:
         OUT / "logs" / "validation.log",
     shell:
-        "{ESM2_DATA} validation --config {RESOLVED} 2>&1 | tee {log}"
+        stage("{ESM2_DATA} validation --config {RESOLVED}")
 
 
 rule manifest:
@@ -193,7 +218,7 @@ rule manifest:
     log:
         OUT / "logs" / "manifest.log",
     shell:
-        "{ESM2_DATA} manifest --config {RESOLVED} 2>&1 | tee {log}"
+        stage("{ESM2_DATA} manifest --config {RESOLVED}")
 
 
 # ---- training: `snakemake ... train` (the README's demo runs `all train`) --------------------
@@ -214,9 +239,9 @@ rule train_run:
         RUN / "logs" / "train.log",
     threads: CFG.train.nproc
     shell:
-        "DS_ACCELERATOR=${{DS_ACCELERATOR:-cpu}} OMP_NUM_THREADS=1 {ESM2_TRAIN} train "
-        "--config {input.config} --data {OUT} --out {RUN} --resume-or-start "
-        "--nproc-per-node {CFG.train.nproc} 2>&1 | tee {log}"
+        stage("DS_ACCELERATOR=${{DS_ACCELERATOR:-cpu}} OMP_NUM_THREADS=1 {ESM2_TRAIN} train "
+              "--config {input.config} --data {OUT} --out {RUN} --resume-or-start "
+              "--nproc-per-node {CFG.train.nproc}")
 
 
 rule evaluate:
@@ -227,8 +252,7 @@ rule evaluate:
     log:
         RUN / "logs" / "evaluate.log",
     shell:
-        "{ESM2_TRAIN} evaluate --checkpoint {RUN} --out {output} "
-        "2>&1 | tee {log}"
+        stage("{ESM2_TRAIN} evaluate --checkpoint {RUN} --out {output}")
 
 
 rule export:
@@ -239,4 +263,4 @@ rule export:
     log:
         RUN / "logs" / "export.log",
     shell:
-        "{ESM2_TRAIN} export {RUN}/final {RUN}/hf --overwrite 2>&1 | tee {log}"
+        stage("{ESM2_TRAIN} export {RUN}/final {RUN}/hf --overwrite")

@@ -47,6 +47,10 @@ def main() -> None:
     ap.add_argument("--generated", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "linking")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--uniref50-sensitivity", type=float, default=None,
+                    help="MMseqs2 -s of the UniRef50 clustering (default: MMseqs2's, 4)")
+    ap.add_argument("--uniref50-max-seqs", type=int, default=None,
+                    help="MMseqs2 --max-seqs of the UniRef50 clustering (default: MMseqs2's, 20)")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -61,6 +65,10 @@ def main() -> None:
     base = {"build": "linking", "out_dir": str(out), "threads": args.threads,
             "inputs": [{"url": str(p)} for p in inputs],
             "leakage": {"max_queries": 20000, "max_fraction": 1.0}}
+    uniref50 = {"method": "cluster", "min_seq_id": 0.5, "sensitivity": args.uniref50_sensitivity,
+                "extra_args": ([] if args.uniref50_max_seqs is None
+                               else ["--max-seqs", str(args.uniref50_max_seqs)])}
+    base["cluster"] = {"uniref50": uniref50}
     cfg = parse_config({**base, "split": {"valid_fraction": 0.1, "test_fraction": 0.1}})
     ingest(inputs, out, on_error="skip")
     logged: list[str] = []

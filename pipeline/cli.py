@@ -33,10 +33,10 @@ def _config(args: argparse.Namespace) -> BuildConfig:
     return cfg
 
 
-def _run(name: str, args: argparse.Namespace) -> dict:
+def _run(name: str, args: argparse.Namespace, lock: str | None = None, **options: object) -> dict:
     from pipeline.stages import run_stage
 
-    return run_stage(name, _config(args))
+    return run_stage(name, _config(args), lock, **options)
 
 
 @_command("download")
@@ -50,8 +50,17 @@ def _download(args: argparse.Namespace) -> int:
 def _ingest(args: argparse.Namespace) -> int:
     from pipeline.ingest import ingest
 
+    if (args.part is not None or args.merge) and not args.config:
+        raise PipelineError("ingest: --part and --merge need --config")
+    if args.part is not None and args.merge:
+        raise PipelineError("ingest: give --part or --merge, not both")
+    if args.config and args.part is not None and not args.inputs:
+        info = _run("ingest", args, lock=f"ingest-part-{args.part}", part=args.part)
+        print(f"ingest part {args.part}: {info['input']['records']} records of "
+              f"{info['input']['file']} in {info['partitions']} partitions")
+        return 0
     if args.config and not args.inputs:
-        stats, out = _run("ingest", args), Path(_config(args).out_dir)
+        stats, out = _run("ingest", args, merge=args.merge), Path(_config(args).out_dir)
     elif args.inputs and args.out and not args.config:
         stats, out = ingest(args.inputs, args.out, on_error=args.on_error or "fail"), args.out
     else:
@@ -191,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", type=Path, help="FASTA files (plain or .gz)")
     p.add_argument("--out", type=Path, help="output directory (without --config)")
     p.add_argument("--on-error", choices=["fail", "skip"], help="override ingest.on_error")
+    p.add_argument("--part", type=int, metavar="I",
+                   help="parse only input I into <out_dir>/ingest_parts/I (one job per input)")
+    p.add_argument("--merge", action="store_true",
+                   help="finish the ingest from every input's --part directory")
 
     for name, text in (
         ("cluster", "MMseqs2 UniRef90 then UniRef50 clustering -> clusters.parquet"),
@@ -244,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _HANDLERS[args.command](args)
     except PipelineError as err:
-        print(f"esm2-data: error: {err}", file=sys.stderr)
+        sys.stdout.flush()  # the error stays the last line of a log that holds both streams
+        print(f"esm2-data: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("esm2-data: interrupted", file=sys.stderr)

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
+from pipeline.atomic import atomic_dir, atomic_path, scratch_dir, write_text_atomic
 from pipeline.errors import InputFormatError
 from pipeline.fasta import (
     GZIP_MAGIC,
@@ -34,7 +34,7 @@ from pipeline.fasta import (
     parse_header_bytes,
 )
 from pipeline.partition import BucketWriter, ParquetSink
-from pipeline.progress import progress_bar
+from pipeline.progress import format_sizeof, progress_bar
 
 try:  # CPython's own md5: the same digests as hashlib's, at a third of the per-call cost
     from _md5 import md5 as _md5
@@ -223,15 +223,21 @@ def plan_buckets(paths: Sequence[Path], bucket_bytes: int) -> int:
     return max(1, math.ceil(total / bucket_bytes))
 
 
-def _load(part: Path | pl.DataFrame, columns: list[str] | None = None) -> pl.DataFrame:
-    """A partition: a Parquet file on disk, or (when there is only one) the frame itself."""
+Partition = Path | list[Path] | pl.DataFrame | None
+
+
+def _load(part: Path | list[Path] | pl.DataFrame, columns: list[str] | None = None) -> pl.DataFrame:
+    """A partition: Parquet file(s) on disk (one per ingest part, in input order), or (when there
+    is only one partition) the frame itself."""
     if isinstance(part, pl.DataFrame):
         return part.select(columns) if columns else part
+    if isinstance(part, list):
+        return pl.concat([pl.read_parquet(p, columns=columns) for p in part], rechunk=False)
     return pl.read_parquet(part, columns=columns)
 
 
 def _duplicate_accessions(
-    buckets: list[Path | pl.DataFrame | None], sources: list[Path], on_error: str,
+    buckets: list[Partition], sources: list[Path], on_error: str,
     stats: IngestStats,
 ) -> pl.DataFrame:
     """Check accession uniqueness bucket by bucket; returns (source, line) of records to drop."""
@@ -299,6 +305,38 @@ def _residue_counts(sequences: pl.Series) -> np.ndarray:
     return counts + pairs.sum(axis=0) + pairs.sum(axis=1)
 
 
+def _seq_bucket(n_buckets: int) -> pl.Expr:
+    """Partition of a record by its sequence hash (identical sequences meet in one)."""
+    return pl.col("seq_hash").str.slice(0, 6).str.to_integer(base=16) * n_buckets // (1 << 24)
+
+
+def _acc_bucket(n_buckets: int) -> pl.Expr:
+    """Partition of a record by its accession (for the duplicate-accession check)."""
+    return pl.col("accession").hash(seed=0) % n_buckets
+
+
+def _read_input(
+    path: Path, source: int, on_error: str, chunk_bytes: int, stats: IngestStats
+) -> Iterator[pl.DataFrame]:
+    """The accepted records of one input, chunk by chunk; counts it in ``stats.inputs``."""
+    rejector = _Rejector(path, on_error, stats)
+    counts = {"file": path.name, "records": 0, "residues": 0}
+    with progress_bar(desc=f"ingest {path.name}", unit=" seq", unit_scale=True) as bar:
+        for raw in iter_raw_records(path, chunk_bytes):
+            counts["records"] += len(raw)
+            counts["residues"] += int(raw.offsets[-1])
+            yield _chunk_frame(raw, _clean(raw, rejector), source, rejector)
+            bar.update(len(raw))
+            bar.set_postfix_str(f"{format_sizeof(counts['residues'], divisor=1024)} residues")
+    stats.inputs.append(counts)
+
+
+def _check_inputs(sources: Sequence[Path]) -> None:
+    for p in sources:
+        if not p.is_file():
+            raise InputFormatError(f"{p}: no such file")
+
+
 def ingest(
     inputs: Sequence[str | Path],
     out_dir: str | Path,
@@ -312,36 +350,22 @@ def ingest(
     sources = [Path(p) for p in inputs]
     out = Path(out_dir)
     stats = IngestStats()
-    for p in sources:
-        if not p.is_file():
-            raise InputFormatError(f"{p}: no such file")
+    _check_inputs(sources)
     n_buckets = plan_buckets(sources, bucket_bytes)
     with scratch_dir(out, "ingest") as tmp:
         # One partition: keep the chunk frames (as much memory as reading it back would take).
         frames: list[pl.DataFrame] | None = [] if n_buckets == 1 else None
-        seq_bucket = (
-            pl.col("seq_hash").str.slice(0, 6).str.to_integer(base=16) * n_buckets // (1 << 24)
-        )
-        acc_bucket = pl.col("accession").hash(seed=0) % n_buckets
         with (BucketWriter(tmp, "seq", n_buckets) as seq_buckets,
               BucketWriter(tmp, "acc", n_buckets) as acc_buckets):
             for source, path in enumerate(sources):
-                rejector = _Rejector(path, on_error, stats)
-                counts = {"file": path.name, "records": 0, "residues": 0}
-                with progress_bar(desc=f"ingest {path.name}", unit=" seq", unit_scale=True) as bar:
-                    for raw in iter_raw_records(path, chunk_bytes):
-                        counts["records"] += len(raw)
-                        counts["residues"] += int(raw.offsets[-1])
-                        df = _chunk_frame(raw, _clean(raw, rejector), source, rejector)
-                        if frames is not None:
-                            frames.append(df)
-                        else:
-                            seq_buckets.write(df, seq_bucket)
-                            acc_buckets.write(df.select(ACC_COLUMNS), acc_bucket)
-                        bar.update(len(raw))
-                stats.inputs.append(counts)
-        seq_paths: list[Path | pl.DataFrame | None] = seq_buckets.close()  # closed: the paths
-        acc_paths: list[Path | pl.DataFrame | None] = acc_buckets.close()
+                for df in _read_input(path, source, on_error, chunk_bytes, stats):
+                    if frames is not None:
+                        frames.append(df)
+                    else:
+                        seq_buckets.write(df, _seq_bucket(n_buckets))
+                        acc_buckets.write(df.select(ACC_COLUMNS), _acc_bucket(n_buckets))
+        seq_paths: list[Partition] = seq_buckets.close()  # closed: the paths
+        acc_paths: list[Partition] = acc_buckets.close()
         if frames is not None:
             frames = [f for f in frames if not f.is_empty()]
             seq_paths = acc_paths = [pl.concat(frames, rechunk=False) if frames else None]
@@ -350,8 +374,82 @@ def ingest(
         return _finish(out, seq_paths, drops, stats, row_group_rows)
 
 
+PART_INFO = "part.json"
+
+
+def ingest_part(
+    inputs: Sequence[str | Path], index: int, part_dir: str | Path, *, on_error: str = "fail",
+    chunk_bytes: int = 16 << 20, bucket_bytes: int = 128 << 20,
+) -> dict:
+    """Parse input ``index`` of ``inputs`` into ``part_dir`` (its partitions and ``part.json``),
+    one job per input file: :func:`merge_parts` then finishes the build's ingest exactly as
+    :func:`ingest` of all inputs would. The partitioning is planned over all inputs, so every
+    part's partition ``i`` meets the others' at the merge."""
+    sources = [Path(p) for p in inputs]
+    if not 0 <= index < len(sources):
+        raise InputFormatError(f"ingest part {index}: the build has {len(sources)} inputs")
+    _check_inputs(sources)
+    n_buckets = plan_buckets(sources, bucket_bytes)
+    stats = IngestStats()
+    dest = Path(part_dir)
+    with atomic_dir(dest) as tmp:
+        with (BucketWriter(tmp, "seq", n_buckets) as seq_buckets,
+              BucketWriter(tmp, "acc", n_buckets) as acc_buckets):
+            for df in _read_input(sources[index], index, on_error, chunk_bytes, stats):
+                seq_buckets.write(df, _seq_bucket(n_buckets))
+                acc_buckets.write(df.select(ACC_COLUMNS), _acc_bucket(n_buckets))
+        info = {
+            "index": index, "file": str(sources[index]), "partitions": n_buckets,
+            "input": stats.inputs[0], "rejected": dict(stats.rejected),
+            "rejected_examples": stats.examples,
+        }
+        (tmp / PART_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def merge_parts(
+    inputs: Sequence[str | Path], part_dirs: Sequence[str | Path], out_dir: str | Path, *,
+    on_error: str = "fail", row_group_rows: int = 100_000,
+) -> dict:
+    """Finish an ingest from one :func:`ingest_part` directory per input (in input order):
+    duplicate accessions across all inputs, collapse, outputs and stats as :func:`ingest`."""
+    sources = [Path(p) for p in inputs]
+    parts = [Path(p) for p in part_dirs]
+    if len(parts) != len(sources):
+        raise InputFormatError(f"{len(parts)} ingest parts for {len(sources)} inputs")
+    stats = IngestStats()
+    infos = []
+    for index, part in enumerate(parts):
+        info_path = part / PART_INFO
+        if not info_path.is_file():
+            raise InputFormatError(f"{info_path}: missing (run 'esm2-data ingest --part {index}')")
+        info = json.loads(info_path.read_text())
+        if info["index"] != index or Path(info["file"]).name != sources[index].name:
+            raise InputFormatError(f"{info_path}: made from {info['file']} (input {info['index']}),"
+                                   f" not from input {index}, {sources[index]}")
+        infos.append(info)
+        stats.inputs.append(info["input"])
+        stats.rejected.update(info["rejected"])
+        stats.examples.extend(info["rejected_examples"][: 20 - len(stats.examples)])
+    counts = sorted({info["partitions"] for info in infos})
+    if len(counts) != 1:
+        raise InputFormatError(f"{parts[0].parent}: ingest parts planned with different "
+                               f"partition counts {counts} (rerun them)")
+
+    def partitions(prefix: str) -> list[Partition]:
+        """Partition i of every part that has one, in input order (None: empty everywhere)."""
+        found: list[Partition] = []
+        for i in range(counts[0]):
+            files = [f for f in (p / f"{prefix}-{i:05d}.parquet" for p in parts) if f.is_file()]
+            found.append(files or None)
+        return found
+
+    drops = _duplicate_accessions(partitions("acc"), sources, on_error, stats)
+    return _finish(Path(out_dir), partitions("seq"), drops, stats, row_group_rows)
+
+
 def _finish(
-    out: Path, seq_paths: list[Path | pl.DataFrame | None], drops: pl.DataFrame,
+    out: Path, seq_paths: list[Partition], drops: pl.DataFrame,
     stats: IngestStats, row_group_rows: int,
 ) -> dict:
     """Collapse each partition in hash order and stream the two outputs; write the stats."""

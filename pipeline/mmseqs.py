@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -12,10 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
+from pipeline.progress import LogProgress, progress_bar
 
+log = logging.getLogger(__name__)
 _LOG_TAIL_LINES = 5
+_POLL_S = 1.0  # how often a running command's log is read for progress
 ELAPSED_MARK = "# mmseqs exit"  # log line after each command: "# mmseqs exit RC after S s"
 
 
@@ -67,6 +74,75 @@ def mmseqs_version(binary: Path) -> str:
     return out.stdout.strip()
 
 
+class StepWatcher:
+    """Reports where a running MMseqs2 workflow stands from its log: each module it starts
+    (prefilter, align, clust, ...) and, for the cascaded ``cluster``, the step of the cascade
+    ("step 2 of 3"): a progress bar on a terminal, one log line per module otherwise."""
+
+    _MODULE = re.compile(r"^([a-z][a-z0-9_]*) \S*/", re.MULTILINE)
+    _STEPS = re.compile(r"^Cascaded clustering steps\s+(\d+)", re.MULTILINE)
+    _STEP = re.compile(r"_step(\d+)\b")
+
+    def __init__(self, log: Path, command: str) -> None:
+        self.log, self.command = log, command
+        self.offset = log.stat().st_size
+        self.start = time.monotonic()
+        self.steps: int | None = None
+        self.step: int | None = None
+        self.modules: list[str] = []
+        self.bar: tqdm | LogProgress | None = None  # made at the first module of a workflow
+
+    def __enter__(self) -> StepWatcher:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.poll()
+        if isinstance(self.bar, LogProgress):
+            self.bar.closed = True  # its own summary line is written here
+            log.info("MMseqs2 %s: %d modules in %.0f s", self.command, len(self.modules),
+                     time.monotonic() - self.start)
+        elif self.bar is not None:
+            self.bar.close()
+
+    def poll(self) -> None:
+        """Read what the log gained since the last poll; report each new module."""
+        with open(self.log, "rb") as fh:
+            fh.seek(self.offset)
+            data = fh.read()
+        end = data.rfind(b"\n") + 1  # whole lines only
+        if not end:
+            return
+        self.offset += end
+        text = data[:end].decode("utf-8", "replace")
+        if found := self._STEPS.search(text):
+            self.steps = int(found.group(1))
+        for line in text.splitlines():
+            module = self._MODULE.match(line)
+            if not module or (not self.modules and module.group(1) == self.command):
+                continue  # a single-module command (createdb, ...) echoing itself: no report
+            if self.steps and module.group(1) == "prefilter" and (step := self._STEP.search(line)):
+                self.step = int(step.group(1))
+            self.modules.append(module.group(1))
+            self._report()
+
+    def where(self) -> str:
+        """The running module, and the cascade step where there is one."""
+        text = f"module {len(self.modules)}: {self.modules[-1]}" if self.modules else "starting"
+        if self.steps and self.step is not None:
+            text = f"step {self.step + 1} of {self.steps}, {text}"
+        return text
+
+    def _report(self) -> None:
+        if self.bar is None:
+            self.bar = progress_bar(desc=f"MMseqs2 {self.command}", unit=" modules")
+        if isinstance(self.bar, LogProgress):  # modules last minutes to hours: one line each
+            log.info("MMseqs2 %s: %s (%.0f s)", self.command, self.where(),
+                     time.monotonic() - self.start)
+        else:
+            self.bar.set_postfix_str(self.where(), refresh=False)
+            self.bar.update(1)
+
+
 @dataclass(frozen=True)
 class MMseqs:
     """Runs MMseqs2 subcommands with a fixed thread count, appending output to one log file."""
@@ -93,7 +169,18 @@ class MMseqs:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
             start = time.perf_counter()
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+            watcher = StepWatcher(self.log, str(args[0]))  # reads the log from here on
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                with watcher:
+                    while proc.poll() is None:
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            proc.wait(timeout=_POLL_S)
+                        watcher.poll()
+            except BaseException:  # interrupted: no MMseqs2 left running behind us
+                proc.kill()
+                proc.wait()
+                raise
             elapsed = time.perf_counter() - start
             log.write(f"{ELAPSED_MARK} {proc.returncode} after {elapsed:.3f} s\n")
         if proc.returncode != 0:

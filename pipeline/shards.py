@@ -45,7 +45,7 @@ from pipeline.checksums import sha256_file
 from pipeline.config import ShardsConfig
 from pipeline.errors import PipelineError
 from pipeline.partition import BucketWriter
-from pipeline.progress import progress_bar
+from pipeline.progress import format_sizeof, progress_bar
 
 SPLITS = ("train", "valid", "test")
 FIELD = "cluster.json"
@@ -257,6 +257,7 @@ class ShardWriter:
 
     def __init__(self, directory: Path, split: str, max_bytes: int) -> None:
         self.dir, self.split, self.max_bytes = directory, split, max_bytes
+        self.bytes_written = 0  # tar bytes of every sample so far (progress)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.shards: list[dict] = []
         self._buf: io.BytesIO | None = None
@@ -284,6 +285,7 @@ class ShardWriter:
             self._open()
         self._tar.write({"__key__": encode_key(sample.cluster), FIELD: payload})
         self._size += entry
+        self.bytes_written += entry
         meta = self.shards[-1]
         meta["samples"] += 1
         meta["uniref90_members"] += sample.uniref90_count
@@ -448,6 +450,8 @@ def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int) -> dict:
                 for split, sample in _samples(pl.read_parquet(path)):
                     writers[split].write(sample)
                     bar.update(1)
+                written = sum(w.bytes_written for w in writers.values())
+                bar.set_postfix_str(f"{format_sizeof(written, divisor=1024)}B of tar")
         indexes = {s: w.finish() for s, w in writers.items()}
     written = sum(i["totals"]["samples"] for i in indexes.values())
     if written != total:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from pipeline.config import BuildConfig
 
@@ -15,12 +16,27 @@ def _download(cfg: BuildConfig) -> dict:
     return run_download(cfg)
 
 
-def _ingest(cfg: BuildConfig) -> dict:
-    from pipeline.ingest import ingest
+def ingest_part_dir(cfg: BuildConfig, index: int) -> Path:
+    """Where ``esm2-data ingest --part index`` leaves input ``index``'s partitions."""
+    return Path(cfg.out_dir) / "ingest_parts" / str(index)
+
+
+def _ingest(cfg: BuildConfig, part: int | None = None, merge: bool = False) -> dict:
+    """All inputs in one process; or one input (``part``), or the merge of all parts, so that
+    a build's inputs are parsed as parallel jobs (the Snakefile's ``ingest_part`` rule)."""
+    from pipeline.ingest import ingest, ingest_part, merge_parts
 
     opts = cfg.ingest
+    inputs = [cfg.raw_path(item) for item in cfg.inputs]
+    if part is not None:
+        return ingest_part(inputs, part, ingest_part_dir(cfg, part), on_error=opts.on_error,
+                           chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes)
+    if merge:
+        parts = [ingest_part_dir(cfg, i) for i in range(len(inputs))]
+        return merge_parts(inputs, parts, cfg.out_dir, on_error=opts.on_error,
+                           row_group_rows=opts.row_group_rows)
     return ingest(
-        [cfg.raw_path(item) for item in cfg.inputs], cfg.out_dir, on_error=opts.on_error,
+        inputs, cfg.out_dir, on_error=opts.on_error,
         chunk_bytes=opts.chunk_bytes, row_group_rows=opts.row_group_rows,
         bucket_bytes=opts.bucket_bytes,
     )
@@ -56,7 +72,7 @@ def _validation(cfg: BuildConfig) -> dict:
     return write_validation(cfg.out_dir, cfg.validation, cfg.seed)
 
 
-STAGES: dict[str, Callable[[BuildConfig], dict]] = {
+STAGES: dict[str, Callable[..., dict]] = {
     "download": _download,
     "ingest": _ingest,
     "cluster": _cluster,
@@ -67,12 +83,13 @@ STAGES: dict[str, Callable[[BuildConfig], dict]] = {
 }
 
 
-def run_stage(name: str, cfg: BuildConfig) -> dict:
-    """Run one stage of a build (holding the stage's lock on the build directory)."""
+def run_stage(name: str, cfg: BuildConfig, lock: str | None = None, **options: object) -> dict:
+    """Run one stage of a build, holding its lock on the build directory (``lock``: the lock's
+    name where parts of one stage run side by side); ``options`` go to the stage."""
     from pipeline.atomic import stage_lock
 
-    with stage_lock(cfg.out_dir, name), mmseqs_runner(cfg.cluster.runner):
-        return STAGES[name](cfg)
+    with stage_lock(cfg.out_dir, lock or name), mmseqs_runner(cfg.cluster.runner):
+        return STAGES[name](cfg, **options)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ WebDataset shard in the cluster schema of :mod:`pipeline.shards` (one member per
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import polars as pl
@@ -22,13 +23,17 @@ FILES = ("validation.fasta", "validation.parquet", "validation-000000.tar", "ind
          *(file for file, _ in ARRAYS.values()))
 
 
+log = logging.getLogger(__name__)
+
+
 def select_validation(out: Path, cfg: ValidationConfig, seed: int) -> tuple[pl.DataFrame, int]:
     """(cluster, accession, entries, member_entries, length, sequence) of the chosen clusters,
     and the number of valid clusters there were to choose from."""
     splits = pl.read_parquet(out / "splits.parquet", columns=["rep50", "split"])
     valid = splits.filter(pl.col("split") == "valid").get_column("rep50")
-    if valid.is_empty():
-        raise PipelineError(f"{out / 'splits.parquet'}: the valid split is empty")
+    if valid.is_empty():  # a result (e.g. split.valid_fraction: 0), not an error
+        log.warning("%s: the valid split is empty: the validation set has no sequence",
+                    out / "splits.parquet")
     chosen = (
         pl.DataFrame({"cluster": valid})
         .with_columns(

@@ -72,3 +72,14 @@ def run_notebook(name: str) -> int:
                             resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
     return sum("image/png" in o.get("data", {})
                for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+
+
+def halves_of_sample(dest: Path) -> tuple[Path, Path, Path]:
+    """The sample FASTA split at a record boundary into two .gz files, and their plain
+    concatenation (the same text as the sample)."""
+    text = gzip.decompress(SAMPLE_FASTA.read_bytes()).decode()
+    cut = text.index("\n>", len(text) // 2) + 1
+    first = write_fasta(dest / "part-a.fasta.gz", text[:cut])
+    second = write_fasta(dest / "part-b.fasta.gz", text[cut:])
+    both = write_fasta(dest / "both.fasta", text)
+    return first, second, both

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import tarfile
@@ -239,8 +240,8 @@ def planned_jobs(root: Path, config: Path) -> set[str]:
     ({"shards__max_shard_bytes": 100_000}, {"shards", "manifest"}),
     ({"split__valid_fraction": 0.12}, {"split", "check_leakage", "shards", "validation",
                                        "manifest"}),
-    ({"ingest__row_group_rows": 1000}, {"ingest", "cluster", "split", "check_leakage", "shards",
-                                        "validation", "manifest"}),
+    ({"ingest__row_group_rows": 1000}, {"ingest_part", "ingest", "cluster", "split",
+                                        "check_leakage", "shards", "validation", "manifest"}),
 ], ids=["nothing", "leakage", "validation", "shards", "split", "ingest"])
 def test_a_config_edit_reruns_only_what_it_affects(sample_build: SampleBuild, tmp_path: Path,
                                                    change: dict, expected: set) -> None:
@@ -249,8 +250,8 @@ def test_a_config_edit_reruns_only_what_it_affects(sample_build: SampleBuild, tm
 
 
 @pytest.mark.parametrize(("deleted", "expected"), [
-    ("sequences.parquet", {"ingest", "cluster", "split", "check_leakage", "shards", "validation",
-                           "manifest"}),
+    ("sequences.parquet", {"ingest_part", "ingest", "cluster", "split", "check_leakage",
+                           "shards", "validation", "manifest"}),
     ("clusters.parquet", {"cluster", "split", "check_leakage", "shards", "validation",
                           "manifest"}),
     ("splits.parquet", {"split", "check_leakage", "shards", "validation", "manifest"}),
@@ -262,6 +263,37 @@ def test_a_deleted_intermediate_reruns_its_stage_and_what_follows(
     path = tmp_path / "b" / "build" / deleted
     shutil.rmtree(path) if path.is_dir() else path.unlink()
     assert planned_jobs(tmp_path / "b", config) == expected
+
+
+def test_two_inputs_build_the_bytes_of_their_concatenation(
+        sample_build: SampleBuild, tmp_path: Path) -> None:
+    """Two input files ingest as two parallel jobs and a merge; every output equals the sample
+    build's, whose one input is their concatenation (only the per-input counts differ)."""
+    import yaml
+
+    from tests.helpers import halves_of_sample
+
+    a, b, _ = halves_of_sample(tmp_path)
+    cfg = yaml.safe_load(sample_build.config.read_text())
+    cfg["inputs"] = [{"url": str(a)}, {"url": str(b)}]
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, config)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "rule ingest_part" in result.stdout + result.stderr
+    assert not (tmp_path / "build" / "ingest_parts").exists() or not any(
+        (tmp_path / "build" / "ingest_parts").iterdir())  # temporary: gone after the merge
+    two = outputs(tmp_path / "manifests" / "sample.json")
+    one = outputs(sample_build.manifest)
+    assert set(two) == set(one)
+    differ = sorted(name for name in one if one[name] != two[name])
+    assert differ == ["stats/ingest.json"]
+    stats = [json.loads((root / "stats" / "ingest.json").read_text())
+             for root in (sample_build.out, tmp_path / "build")]
+    assert [i["records"] for i in stats[1]["inputs"]] != [] and \
+        sum(i["records"] for i in stats[1]["inputs"]) == stats[0]["inputs"][0]["records"]
+    assert {k: v for k, v in stats[0].items() if k != "inputs"} == \
+        {k: v for k, v in stats[1].items() if k != "inputs"}
 
 
 def test_dataset_report_notebook_runs(sample_build: SampleBuild, monkeypatch) -> None:
@@ -292,3 +324,67 @@ def test_alignment_links_join_clusters_into_split_groups(sample_build: SampleBui
                                                       link_identity=0.9), 1, None)
     assert n_strict < n and strict.get_column("group").n_unique() > groups.get_column(
         "group").n_unique()
+
+
+def test_a_failing_stage_is_one_line_in_its_log_and_in_snakemakes_report(
+        tmp_path: Path) -> None:
+    """A bad record under Snakemake: the rule's log ends in the stage's one-line error, which
+    Snakemake's failure report repeats; nothing of the stage's outputs is written."""
+    import yaml
+
+    from tests.conftest import sample_config
+    from tests.helpers import write_fasta
+
+    bad = write_fasta(tmp_path / "bad.fasta", ">sp|P1|OK\nMKV\n>sp|P2|BAD\nMK1V\n")
+    config = sample_config(tmp_path)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["inputs"] = [{"url": str(bad)}]
+    config.write_text(yaml.safe_dump(cfg))
+    result = snakemake(tmp_path, config)
+    assert result.returncode != 0
+    log = (tmp_path / "build" / "logs" / "ingest-0.log").read_text().splitlines()
+    expected = ("esm2-data: error: build/raw/bad.fasta: record P2 (line 3): "
+                "invalid residue '1' at position 3")
+    assert log[-1] == expected
+    assert f"ingest_part failed: {expected}" in result.stdout + result.stderr
+    assert not (tmp_path / "build" / "ingest_parts" / "0").exists()
+    assert not (tmp_path / "build" / "sequences.parquet").exists()
+
+
+def test_rule_logs_say_where_a_long_stage_stands(sample_build: SampleBuild) -> None:
+    """Off a terminal, progress is log lines: records and residues for ingest, each MMseqs2
+    module and cascade step for clustering, clusters and tar bytes for shards."""
+    logs = sample_build.out / "logs"
+    ingest = (logs / "ingest-0.log").read_text()
+    assert re.search(r"ingest uniprot_sample\.fasta\.gz: done 4\.19k seq.* \[\d+(\.\d+)?k "
+                     r"residues\]", ingest), ingest
+    cluster = (logs / "cluster.log").read_text()
+    for step in (1, 2, 3):
+        assert f"MMseqs2 cluster: step {step} of 3, module" in cluster, cluster
+    assert re.search(r"MMseqs2 cluster: \d+ modules in \d+ s", cluster)
+    shards = (logs / "shards.log").read_text()
+    assert re.search(r"shards: done 1,426/1,426 clusters \(100%\).*B of tar\]", shards), shards
+
+
+def test_slurm_profile_sets_per_rule_resources_and_groups(tmp_path: Path) -> None:
+    """profiles/slurm parses (without its SLURM executor, not installed here): each input's
+    ingest job, the merge and MMseqs2 get their own resources; validation and manifest share
+    one job."""
+    import yaml
+
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile.pop("executor") == "slurm"
+    local = tmp_path / "profile"
+    local.mkdir()
+    (local / "config.yaml").write_text(yaml.safe_dump(profile))
+    config = sample_config(tmp_path)
+    result = snakemake(tmp_path, config, "--dry-run", "--profile", str(local))
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-2000:]
+    jobs = text.split("\nrule ")[1:]
+    resources = {job.split(":")[0]: job for job in jobs}
+    assert "mem_mb=16000" in resources["ingest_part"] and "cpus_per_task=4" in resources[
+        "ingest_part"]
+    assert "mem_mb=950000" in resources["cluster"] and "cpus_per_task=64" in resources[
+        "cluster"]
+    assert "Group job after-split" in text

@@ -204,3 +204,41 @@ def test_mmseqs_runs_its_parallel_steps_through_the_configured_runner(tmp_path) 
         assert (tmp_path / "plain" / name).read_bytes() == (
             tmp_path / "wrapped" / name).read_bytes()
     assert stage_config(plain, "cluster") == stage_config(wrapped, "cluster")  # no rerun
+
+
+@pytest.mark.parametrize("fasta", [
+    ">sp|P1|ONE\nMKVLAAGIVALLLAAGCSSAKEETTQ\n",
+    ">sp|P1|A\nMKVLAAGIVALLLAAGCSSAKEETTQ\n>tr|Q1|SAME\nMKVLAAGIVALLLAAGCSSAKEETTQ\n",
+], ids=["one-sequence", "one-distinct-sequence"])
+def test_every_stage_handles_empty_intermediates(tmp_path: Path, fasta: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A build with one distinct sequence: one cluster, no cross-cluster link, empty valid and
+    test splits, no held-out query, empty shard splits, an empty validation set. Every stage
+    finishes with a valid (empty) output, and the manifest verifies."""
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.shards import SplitIndex
+
+    inp = write_fasta(tmp_path / "one.fa", fasta)
+    out = tmp_path / "build"
+    config = tmp_path / "one.yaml"
+    config.write_text(yaml.safe_dump({"build": "one", "out_dir": str(out),
+                                      "manifest_dir": str(tmp_path / "m"),
+                                      "inputs": [{"url": str(inp)}]}))
+    for stage in ("download", "ingest", "cluster", "split", "check-leakage", "shards",
+                  "validation", "manifest"):
+        assert main([stage, "--config", str(config)]) == 0, stage
+    assert pl.read_parquet(out / "cluster_links.parquet").height == 0
+    assert pl.read_parquet(out / "splits.parquet").get_column("split").to_list() == ["train"]
+    leakage = json.loads((out / "stats" / "leakage.json").read_text())
+    assert leakage["queries"] == 0 and leakage["fraction_at_or_above_threshold"] == 0.0
+    assert leakage["closest_pairs"] == []
+    for name, samples in (("train", 1), ("valid", 0), ("test", 0)):
+        assert len(SplitIndex(out / "shards" / name)) == samples, name
+    validation = json.loads((out / "stats" / "validation.json").read_text())
+    assert validation["sequences"] == 0 and validation["residues"] == 0
+    assert (out / "validation" / "validation.fasta").read_text() == ""
+    assert len(SplitIndex(out / "validation")) == 0
+    assert "the valid split is empty" in caplog.text
+    assert main(["verify", str(tmp_path / "m" / "one.json")]) == 0

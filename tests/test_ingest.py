@@ -10,7 +10,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import InputFormatError
 from pipeline.ingest import ingest
-from tests.helpers import SAMPLE_FASTA, shared_file, write_fasta
+from tests.helpers import SAMPLE_FASTA, halves_of_sample, shared_file, write_fasta
 
 # Record and residue counts stated in ../shared/data/README.md
 SHARED_COUNTS = {
@@ -179,3 +179,61 @@ def test_sample_ingest_counts(tmp_path: Path) -> None:
     seqs = pl.read_parquet(tmp_path / "sequences.parquet")
     assert seqs.columns == ["accession", "db", "description", "taxid", "length", "sequence",
                             "seq_hash", "n_records"]
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 30, 1 << 16], ids=["one-partition", "many"])
+def test_parts_then_merge_equal_one_ingest_of_the_concatenation(
+        tmp_path: Path, bucket_bytes: int) -> None:
+    from pipeline.ingest import ingest_part, merge_parts
+
+    a, b, both = halves_of_sample(tmp_path)
+    whole = ingest([both], tmp_path / "whole", bucket_bytes=bucket_bytes, row_group_rows=1000)
+    inputs = [a, b]
+    parts = [tmp_path / "parts" / str(i) for i in range(2)]
+    for i in (1, 0):  # any order: the jobs run side by side
+        info = ingest_part(inputs, i, parts[i], bucket_bytes=bucket_bytes)
+        assert info["index"] == i and info["input"]["file"] == inputs[i].name
+    merged = merge_parts(inputs, parts, tmp_path / "merged", row_group_rows=1000)
+    for name in ("sequences.parquet", "records.parquet"):
+        assert (tmp_path / "merged" / name).read_bytes() == \
+            (tmp_path / "whole" / name).read_bytes(), name
+    assert [i["records"] for i in merged["inputs"]] == [
+        gzip.decompress(p.read_bytes()).count(b">") for p in inputs]
+    assert {k: v for k, v in merged.items() if k != "inputs"} == \
+        {k: v for k, v in whole.items() if k != "inputs"}
+    assert merged["records_kept"] == 4192 and merged["unique_sequences"] == 2887
+
+
+def test_merge_finds_duplicate_accessions_across_parts(tmp_path: Path) -> None:
+    from pipeline.ingest import ingest_part, merge_parts
+
+    a = write_fasta(tmp_path / "a.fa", ">sp|P1|A\nMKV\n")
+    b = write_fasta(tmp_path / "b.fa", ">tr|X9|B\nMKW\n>tr|P1|C\nMKY\n")
+    parts = [tmp_path / "p0", tmp_path / "p1"]
+    for i in range(2):
+        ingest_part([a, b], i, parts[i])
+    with pytest.raises(InputFormatError, match=r"b\.fa: record P1 \(line 3\).*first seen in a\.fa"):
+        merge_parts([a, b], parts, tmp_path / "out")
+    assert not (tmp_path / "out" / "sequences.parquet").exists()
+    stats = merge_parts([a, b], parts, tmp_path / "out", on_error="skip")
+    assert stats["rejected_by_reason"] == {"duplicate_accession": 1}
+
+
+def test_bad_parts_are_clear_errors(tmp_path: Path) -> None:
+    from pipeline.ingest import ingest_part, merge_parts
+
+    a = write_fasta(tmp_path / "a.fa", ">sp|P1|A\nMKV\n")
+    b = write_fasta(tmp_path / "b.fa", ">tr|X9|B\nMK1\n")
+    with pytest.raises(InputFormatError, match="ingest part 2: the build has 2 inputs"):
+        ingest_part([a, b], 2, tmp_path / "p2")
+    with pytest.raises(InputFormatError, match=r"b\.fa: record X9 \(line 1\): invalid residue"):
+        ingest_part([a, b], 1, tmp_path / "p1")
+    assert not (tmp_path / "p1").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    ingest_part([a, b], 0, tmp_path / "p0")
+    with pytest.raises(InputFormatError, match=r"p1/part\.json: missing \(run 'esm2-data "
+                                               r"ingest --part 1'\)"):
+        merge_parts([a, b], [tmp_path / "p0", tmp_path / "p1"], tmp_path / "out")
+    with pytest.raises(InputFormatError, match="not from input 1"):
+        merge_parts([a, b], [tmp_path / "p0", tmp_path / "p0"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -329,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             quiet = True
         elif not distributed or _rank() == 0 or getattr(exc, "rank_local", False):
             where = f"rank {_rank()}: " if distributed and getattr(exc, "rank_local", False) else ""
+            sys.stdout.flush()  # the error stays the last line of a log holding both streams
             print(f"{PROG}: error: {where}{message}", file=sys.stderr, flush=True)
         else:
             quiet = True
