@@ -16,8 +16,9 @@ if not config:
     configfile: "config/sample.yaml"
 
 CFG = parse_config(dict(config), source="snakemake config")
-OUT = Path(CFG.out_dir)
-RESOLVED = OUT / "build_config.yaml"
+B = CFG.out  # pipeline.build_dir.BuildDir: every path of the build
+OUT = B.root
+RESOLVED = B.resolved_config
 ESM2_DATA = f"{sys.executable} -m pipeline.cli"
 
 
@@ -29,7 +30,7 @@ def stage(command: str) -> str:
             "(echo \"{rule} failed: $(tail -n 1 {log})\" >&2; exit 1)")
 
 
-STAGE_CONFIG = {stage: OUT / "config" / f"{stage}.yaml" for stage in STAGE_SECTIONS}
+STAGE_CONFIG = {stage: B.stage_config(stage) for stage in STAGE_SECTIONS}
 
 
 def _write_if_changed(path: Path, data: dict) -> None:
@@ -54,10 +55,7 @@ def _stale_manifest_if_incomplete() -> None:
     manifest describes every output, so with one missing it no longer describes the build: it
     is moved aside (<build>.json.stale), and the stage that makes the missing file reruns, with
     everything that follows it."""
-    made = ["raw/download.json", "sequences.parquet", "records.parquet", "clusters.parquet",
-            "cluster_links.parquet", "splits.parquet", "stats/leakage.json", "shards",
-            "validation"]
-    missing = [name for name in made if not (OUT / name).exists()]
+    missing = [path.relative_to(OUT).as_posix() for path in B.outputs() if not path.exists()]
     if MANIFEST.exists() and missing:
         MANIFEST.replace(MANIFEST.with_name(MANIFEST.name + ".stale"))
         print(f"{OUT}: {', '.join(missing)} missing: {MANIFEST} moved aside (.stale); the "
@@ -79,9 +77,9 @@ rule download:
     input:
         config=STAGE_CONFIG["download"],
     output:
-        OUT / "raw" / "download.json",
+        B.download_record,
     log:
-        OUT / "logs" / "download.log",
+        B.log("download"),
     shell:
         stage("{ESM2_DATA} download --config {RESOLVED}")
 
@@ -91,13 +89,13 @@ rule download:
 rule ingest_part:
     input:
         config=STAGE_CONFIG["ingest"],
-        download=OUT / "raw" / "download.json",
+        download=B.download_record,
     output:
-        temp(directory(OUT / "ingest_parts" / "{part}")),
+        temp(directory(B.ingest_part("{part}"))),
     wildcard_constraints:
         part=r"\d+",
     log:
-        OUT / "logs" / "ingest-{part}.log",
+        B.log("ingest-{part}"),
     shell:
         stage("{ESM2_DATA} ingest --config {RESOLVED} --part {wildcards.part}")
 
@@ -105,14 +103,14 @@ rule ingest_part:
 rule ingest:
     input:
         config=STAGE_CONFIG["ingest"],
-        download=OUT / "raw" / "download.json",
-        parts=[OUT / "ingest_parts" / str(i) for i in range(len(CFG.inputs))],
+        download=B.download_record,
+        parts=[B.ingest_part(i) for i in range(len(CFG.inputs))],
     output:
-        sequences=OUT / "sequences.parquet",
-        records=OUT / "records.parquet",
-        stats=OUT / "stats" / "ingest.json",
+        sequences=B.sequences,
+        records=B.records,
+        stats=B.stats("ingest"),
     log:
-        OUT / "logs" / "ingest.log",
+        B.log("ingest"),
     shell:
         stage("{ESM2_DATA} ingest --config {RESOLVED} --merge")
 
@@ -120,14 +118,14 @@ rule ingest:
 rule cluster:
     input:
         config=STAGE_CONFIG["cluster"],
-        sequences=OUT / "sequences.parquet",
-        records=OUT / "records.parquet",
+        sequences=B.sequences,
+        records=B.records,
     output:
-        clusters=OUT / "clusters.parquet",
-        links=OUT / "cluster_links.parquet",
-        stats=OUT / "stats" / "cluster.json",
+        clusters=B.clusters,
+        links=B.cluster_links,
+        stats=B.stats("cluster"),
     log:
-        OUT / "logs" / "cluster.log",
+        B.log("cluster"),
     threads: CFG.threads
     shell:
         stage("{ESM2_DATA} cluster --config {RESOLVED} --threads {threads}")
@@ -136,15 +134,15 @@ rule cluster:
 rule split:
     input:
         config=STAGE_CONFIG["split"],
-        clusters=OUT / "clusters.parquet",
-        links=OUT / "cluster_links.parquet",
-        sequences=OUT / "sequences.parquet",
-        records=OUT / "records.parquet",
+        clusters=B.clusters,
+        links=B.cluster_links,
+        sequences=B.sequences,
+        records=B.records,
     output:
-        splits=OUT / "splits.parquet",
-        stats=OUT / "stats" / "split.json",
+        splits=B.splits,
+        stats=B.stats("split"),
     log:
-        OUT / "logs" / "split.log",
+        B.log("split"),
     threads: CFG.threads
     shell:
         stage("{ESM2_DATA} split --config {RESOLVED} --threads {threads}")
@@ -153,13 +151,13 @@ rule split:
 rule check_leakage:
     input:
         config=STAGE_CONFIG["check_leakage"],
-        splits=OUT / "splits.parquet",
-        clusters=OUT / "clusters.parquet",
-        sequences=OUT / "sequences.parquet",
+        splits=B.splits,
+        clusters=B.clusters,
+        sequences=B.sequences,
     output:
-        report=OUT / "stats" / "leakage.json",
+        report=B.stats("leakage"),
     log:
-        OUT / "logs" / "leakage.log",
+        B.log("leakage"),
     threads: CFG.threads
     shell:
         stage("{ESM2_DATA} check-leakage --config {RESOLVED} --threads {threads}")
@@ -168,17 +166,17 @@ rule check_leakage:
 rule shards:
     input:
         config=STAGE_CONFIG["shards"],
-        splits=OUT / "splits.parquet",
-        clusters=OUT / "clusters.parquet",
-        sequences=OUT / "sequences.parquet",
+        splits=B.splits,
+        clusters=B.clusters,
+        sequences=B.sequences,
         # the leakage check is a gate (it must pass first), not data: a re-check with another
         # bound does not make the shards stale
-        leakage=ancient(OUT / "stats" / "leakage.json"),
+        leakage=ancient(B.stats("leakage")),
     output:
-        shards=directory(OUT / "shards"),
-        stats=OUT / "stats" / "shards.json",
+        shards=directory(B.shards),
+        stats=B.stats("shards"),
     log:
-        OUT / "logs" / "shards.log",
+        B.log("shards"),
     shell:
         stage("{ESM2_DATA} shards --config {RESOLVED}")
 
@@ -186,15 +184,15 @@ rule shards:
 rule validation:
     input:
         config=STAGE_CONFIG["validation"],
-        splits=OUT / "splits.parquet",
-        clusters=OUT / "clusters.parquet",
-        sequences=OUT / "sequences.parquet",
-        leakage=ancient(OUT / "stats" / "leakage.json"),
+        splits=B.splits,
+        clusters=B.clusters,
+        sequences=B.sequences,
+        leakage=ancient(B.stats("leakage")),
     output:
-        validation=directory(OUT / "validation"),
-        stats=OUT / "stats" / "validation.json",
+        validation=directory(B.validation),
+        stats=B.stats("validation"),
     log:
-        OUT / "logs" / "validation.log",
+        B.log("validation"),
     shell:
         stage("{ESM2_DATA} validation --config {RESOLVED}")
 
@@ -202,21 +200,21 @@ rule validation:
 rule manifest:
     input:  # it hashes every output of the build, so it reads all of them
         config=RESOLVED,
-        download=OUT / "raw" / "download.json",
-        sequences=OUT / "sequences.parquet",
-        records=OUT / "records.parquet",
-        clusters=OUT / "clusters.parquet",
-        links=OUT / "cluster_links.parquet",
-        splits=OUT / "splits.parquet",
-        shards=OUT / "shards",
-        shard_stats=OUT / "stats" / "shards.json",
-        validation=OUT / "validation",
-        validation_stats=OUT / "stats" / "validation.json",
-        leakage=OUT / "stats" / "leakage.json",
+        download=B.download_record,
+        sequences=B.sequences,
+        records=B.records,
+        clusters=B.clusters,
+        links=B.cluster_links,
+        splits=B.splits,
+        shards=B.shards,
+        shard_stats=B.stats("shards"),
+        validation=B.validation,
+        validation_stats=B.stats("validation"),
+        leakage=B.stats("leakage"),
     output:
         MANIFEST,
     log:
-        OUT / "logs" / "manifest.log",
+        B.log("manifest"),
     shell:
         stage("{ESM2_DATA} manifest --config {RESOLVED}")
 

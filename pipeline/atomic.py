@@ -104,7 +104,9 @@ def stage_lock(out_dir: str | os.PathLike[str], stage: str) -> Iterator[None]:
     outputs (a stage run by hand beside Snakemake) fails at once instead of interleaving."""
     import fcntl
 
-    path = Path(out_dir) / "logs" / f".{stage}.lock"
+    from pipeline.build_dir import BuildDir
+
+    path = BuildDir(out_dir).lock(stage)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         try:

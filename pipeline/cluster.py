@@ -23,6 +23,7 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
+from pipeline.build_dir import BuildDir
 from pipeline.config import ClusterConfig, ClusterStage
 from pipeline.errors import PipelineError
 from pipeline.mmseqs import MMseqs
@@ -30,8 +31,6 @@ from pipeline.progress import progress_bar
 
 log = logging.getLogger(__name__)
 _FASTA_BATCH = 65_536
-# UniRef50 cluster pairs that the UniRef50 clustering aligned across clusters (split linking)
-LINKS = "cluster_links.parquet"
 
 
 def write_indexed_fasta(sequences: Path, dest: Path, keep: np.ndarray | None = None) -> int:
@@ -145,12 +144,10 @@ def _size_stats(sizes: pl.Series) -> dict:
 
 def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
     """Cluster ``out_dir/sequences.parquet``; writes clusters.parquet and stats/cluster.json."""
-    out = Path(out_dir)
-    sequences, records = out / "sequences.parquet", out / "records.parquet"
-    for p in (sequences, records):
-        if not p.is_file():
-            raise PipelineError(f"{p}: missing (run 'esm2-data ingest' first)")
-    mm = MMseqs.create(cfg.mmseqs, threads, out / "logs" / "cluster.mmseqs.log")
+    out = BuildDir(out_dir)
+    sequences, records = out.sequences, out.records
+    out.require(sequences, records)
+    mm = MMseqs.create(cfg.mmseqs, threads, out.log("cluster.mmseqs"))
     mm.log.write_text(f"mmseqs {mm.version}\n", encoding="utf-8")
     accessions = pl.read_parquet(sequences, columns=["accession"]).get_column("accession")
     n = len(accessions)
@@ -191,9 +188,9 @@ def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
     )
     if table.get_column("rep90").null_count():
         raise PipelineError(f"{records}: records whose sequence was not clustered (stale input?)")
-    with atomic_path(out / "clusters.parquet") as tmp_out:
+    with atomic_path(out.clusters) as tmp_out:
         table.write_parquet(tmp_out, compression="zstd", row_group_size=1_000_000)
-    with atomic_path(out / LINKS) as tmp_out:
+    with atomic_path(out.cluster_links) as tmp_out:
         links.write_parquet(tmp_out, compression="zstd", row_group_size=1_000_000)
     stats = {
         "mmseqs_version": mm.version,
@@ -207,7 +204,7 @@ def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
         "alignment_links": links.height,
         "params": cfg.model_dump(mode="json", exclude={"runner"}),  # where, not what
     }
-    write_text_atomic(out / "stats" / "cluster.json", json.dumps(stats, indent=2) + "\n")
+    write_text_atomic(out.stats("cluster"), json.dumps(stats, indent=2) + "\n")
     return stats
 
 

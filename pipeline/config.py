@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.build_dir import BuildDir
 from pipeline.errors import ConfigError
 
 
@@ -165,12 +166,13 @@ class BuildConfig(_Section):
         return self
 
     @property
-    def out(self) -> Path:
-        return Path(self.out_dir)
+    def out(self) -> BuildDir:
+        """The build directory's paths."""
+        return BuildDir(self.out_dir)
 
     @property
     def raw_dir(self) -> Path:
-        return self.out / "raw"
+        return self.out.raw
 
     def raw_path(self, item: InputFile) -> Path:
         return self.raw_dir / item.file_name

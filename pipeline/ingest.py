@@ -25,6 +25,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.atomic import atomic_dir, atomic_path, scratch_dir, write_text_atomic
+from pipeline.build_dir import BuildDir
 from pipeline.errors import InputFormatError
 from pipeline.fasta import (
     GZIP_MAGIC,
@@ -348,7 +349,7 @@ def ingest(
 ) -> dict:
     """Ingest FASTA files into ``out_dir``; returns the stats written to ``stats/ingest.json``."""
     sources = [Path(p) for p in inputs]
-    out = Path(out_dir)
+    out = BuildDir(out_dir)
     stats = IngestStats()
     _check_inputs(sources)
     n_buckets = plan_buckets(sources, bucket_bytes)
@@ -445,16 +446,16 @@ def merge_parts(
         return found
 
     drops = _duplicate_accessions(partitions("acc"), sources, on_error, stats)
-    return _finish(Path(out_dir), partitions("seq"), drops, stats, row_group_rows)
+    return _finish(BuildDir(out_dir), partitions("seq"), drops, stats, row_group_rows)
 
 
 def _finish(
-    out: Path, seq_paths: list[Partition], drops: pl.DataFrame,
+    out: BuildDir, seq_paths: list[Partition], drops: pl.DataFrame,
     stats: IngestStats, row_group_rows: int,
 ) -> dict:
     """Collapse each partition in hash order and stream the two outputs; write the stats."""
     unique_residues = 0
-    seq_out, rec_out = out / "sequences.parquet", out / "records.parquet"
+    seq_out, rec_out = out.sequences, out.records
     with atomic_path(seq_out) as tmp_seq, atomic_path(rec_out) as tmp_rec:
         uniques_sink = ParquetSink(tmp_seq, row_group_rows)
         records_sink = ParquetSink(tmp_rec, row_group_rows)
@@ -481,7 +482,7 @@ def _finish(
         if uniques_sink.rows == 0:
             raise InputFormatError("no valid records in the input: nothing to ingest")
         report = _report(stats, uniques_sink.rows, unique_residues)
-        write_text_atomic(out / "stats" / "ingest.json", json.dumps(report, indent=2) + "\n")
+        write_text_atomic(out.stats("ingest"), json.dumps(report, indent=2) + "\n")
     return report
 
 

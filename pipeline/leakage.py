@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from pipeline.atomic import scratch_dir, write_text_atomic
+from pipeline.build_dir import BuildDir
 from pipeline.cluster import write_indexed_fasta
 from pipeline.config import LeakageConfig
 from pipeline.errors import PipelineError
@@ -25,11 +26,11 @@ from pipeline.mmseqs import MMseqs
 IDENTITY_BINS = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]
 
 
-def _split_of_rows(out: Path) -> pl.DataFrame:
+def _split_of_rows(out: BuildDir) -> pl.DataFrame:
     """(row, accession, split) for every row of sequences.parquet."""
-    seqs = pl.read_parquet(out / "sequences.parquet", columns=["accession"]).with_row_index("row")
-    clusters = pl.read_parquet(out / "clusters.parquet", columns=["accession", "rep50"])
-    splits = pl.read_parquet(out / "splits.parquet", columns=["rep50", "split"])
+    seqs = pl.read_parquet(out.sequences, columns=["accession"]).with_row_index("row")
+    clusters = pl.read_parquet(out.clusters, columns=["accession", "rep50"])
+    splits = pl.read_parquet(out.splits, columns=["rep50", "split"])
     return (
         seqs.join(clusters, on="accession", how="left")
         .join(splits, on="rep50", how="left")
@@ -50,10 +51,8 @@ def _sample(rows: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
 def check_leakage(out_dir: str | Path, cfg: LeakageConfig, seed: int, threads: int,
                   mmseqs: str | None = None) -> dict:
     """Search held-out sequences against train; write stats/leakage.json or fail."""
-    out = Path(out_dir)
-    for name in ("sequences.parquet", "clusters.parquet", "splits.parquet"):
-        if not (out / name).is_file():
-            raise PipelineError(f"{out / name}: missing (run cluster and split first)")
+    out = BuildDir(out_dir)
+    out.require(out.sequences, out.clusters, out.splits)
     rows = _split_of_rows(out)
     if rows.get_column("split").null_count():
         raise PipelineError(f"{out}: sequences without a split (stale splits.parquet?)")
@@ -65,13 +64,13 @@ def check_leakage(out_dir: str | Path, cfg: LeakageConfig, seed: int, threads: i
     is_train = (rows.get_column("split") == "train").to_numpy()
     if not is_train.any():
         raise PipelineError(f"{out}: no train sequences to check against")
-    mm = MMseqs.create(mmseqs, threads, out / "logs" / "leakage.mmseqs.log")
+    mm = MMseqs.create(mmseqs, threads, out.log("leakage.mmseqs"))
     mm.log.write_text(f"mmseqs {mm.version}\n", encoding="utf-8")
     best = pl.DataFrame(schema={"query": pl.Int64, "target": pl.Int64, "fident": pl.Float64})
     if is_query.any():
         with scratch_dir(out, "leakage") as tmp:
-            write_indexed_fasta(out / "sequences.parquet", tmp / "q.fasta", keep=is_query)
-            write_indexed_fasta(out / "sequences.parquet", tmp / "t.fasta", keep=is_train)
+            write_indexed_fasta(out.sequences, tmp / "q.fasta", keep=is_query)
+            write_indexed_fasta(out.sequences, tmp / "t.fasta", keep=is_train)
             hits = mm.search(
                 tmp / "q.fasta", tmp / "t.fasta", tmp, ("query", "target", "fident"),
                 "-s", str(cfg.sensitivity), "-c", str(cfg.coverage), "--cov-mode", "2",
@@ -82,14 +81,14 @@ def check_leakage(out_dir: str | Path, cfg: LeakageConfig, seed: int, threads: i
         )
     report = _report(queries, best, rows, cfg, held_out.height)
     if report["fraction_at_or_above_threshold"] > cfg.max_fraction:
-        write_text_atomic(out / "stats" / "leakage.failed.json", json.dumps(report, indent=2))
+        write_text_atomic(out.stats("leakage.failed"), json.dumps(report, indent=2))
         raise PipelineError(
             f"leakage check failed: {report['fraction_at_or_above_threshold']:.2%} of held-out "
             f"sequences have a train hit with >= {cfg.identity_threshold:.0%} identity at "
             f">= {cfg.coverage:.0%} coverage (limit {cfg.max_fraction:.2%}); "
-            f"report: {out / 'stats' / 'leakage.failed.json'}"
+            f"report: {out.stats('leakage.failed')}"
         )
-    write_text_atomic(out / "stats" / "leakage.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out.stats("leakage"), json.dumps(report, indent=2) + "\n")
     return report
 
 

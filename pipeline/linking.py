@@ -16,24 +16,23 @@ grows with queries x representatives; ``link_sensitivity`` and ``link_max_seqs``
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import polars as pl
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from pipeline.atomic import scratch_dir
+from pipeline.build_dir import BuildDir
 from pipeline.cluster import write_indexed_fasta
 from pipeline.config import SplitConfig
 from pipeline.errors import PipelineError
 from pipeline.mmseqs import MMseqs
 
 
-def row_clusters(out: Path) -> pl.DataFrame:
+def row_clusters(out: BuildDir) -> pl.DataFrame:
     """(row, accession, rep90, rep50) for every row of sequences.parquet, in row order."""
-    seqs = pl.read_parquet(out / "sequences.parquet", columns=["accession"]).with_row_index("row")
-    clusters = pl.read_parquet(out / "clusters.parquet", columns=["accession", "rep90", "rep50"])
+    seqs = pl.read_parquet(out.sequences, columns=["accession"]).with_row_index("row")
+    clusters = pl.read_parquet(out.clusters, columns=["accession", "rep90", "rep50"])
     return seqs.join(clusters, on="accession", how="left").select(
         pl.col("row").cast(pl.Int64), "accession", "rep90", "rep50"
     ).sort("row")
@@ -67,7 +66,7 @@ def _is_representative(rows: pl.DataFrame, level: int) -> np.ndarray:
     return rows.select((pl.col("accession") == own_rep).fill_null(False)).to_series().to_numpy()
 
 
-def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None) -> tuple[
+def link_clusters(out: BuildDir, cfg: SplitConfig, threads: int, mmseqs: str | None) -> tuple[
     pl.DataFrame, int
 ]:
     """(rep50, group) for every UniRef50 cluster, and the number of cross-cluster links."""
@@ -79,11 +78,11 @@ def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None)
         return pl.DataFrame({"rep50": reps.sort(), "group": reps.sort()}), 0
     is_rep = _is_representative(rows, 50)
     is_query = _is_representative(rows, 90) if cfg.link_queries == "uniref90" else None
-    mm = MMseqs.create(mmseqs, threads, out / "logs" / "split.mmseqs.log")
+    mm = MMseqs.create(mmseqs, threads, out.log("split.mmseqs"))
     mm.log.write_text(f"mmseqs {mm.version}\n", encoding="utf-8")
     with scratch_dir(out, "split") as tmp:
-        write_indexed_fasta(out / "sequences.parquet", tmp / "queries.fasta", keep=is_query)
-        write_indexed_fasta(out / "sequences.parquet", tmp / "reps.fasta", keep=is_rep)
+        write_indexed_fasta(out.sequences, tmp / "queries.fasta", keep=is_query)
+        write_indexed_fasta(out.sequences, tmp / "reps.fasta", keep=is_rep)
         hits = mm.search(
             tmp / "queries.fasta", tmp / "reps.fasta", tmp, ("query", "target"),
             "-s", str(cfg.link_sensitivity), "-c", str(cfg.link_coverage), "--cov-mode", "2",
@@ -101,14 +100,12 @@ def link_clusters(out: Path, cfg: SplitConfig, threads: int, mmseqs: str | None)
     return components(reps, edges), edges.height
 
 
-def _link_by_alignments(out: Path, identity: float) -> tuple[pl.DataFrame, int]:
+def _link_by_alignments(out: BuildDir, identity: float) -> tuple[pl.DataFrame, int]:
     """Links from the clustering's own cross-cluster alignments (``cluster_links.parquet``)."""
-    from pipeline.cluster import LINKS
-
-    path = out / LINKS
+    path = out.cluster_links
     if not path.is_file():
         raise PipelineError(f"{path}: missing (rerun 'esm2-data cluster': it keeps the "
                             "clustering's alignments for linking)")
-    reps = pl.read_parquet(out / "clusters.parquet", columns=["rep50"]).get_column("rep50")
+    reps = pl.read_parquet(out.clusters, columns=["rep50"]).get_column("rep50")
     edges = pl.read_parquet(path).filter(pl.col("identity") >= identity).select("a", "b")
     return components(reps.unique(), edges), edges.height

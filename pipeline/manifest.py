@@ -84,16 +84,9 @@ def list_outputs(out: Path) -> list[dict]:
 
 def build_manifest(cfg: BuildConfig) -> dict:
     out = cfg.out
-    download = out / "raw" / "download.json"
-    if not download.is_file():
-        raise PipelineError(f"{download}: missing (run the build first)")
-    fetched = json.loads(download.read_text())
-    counts = {}
-    for stage in STAGE_STATS:
-        path = out / "stats" / f"{stage}.json"
-        if not path.is_file():
-            raise PipelineError(f"{path}: missing (the {stage} stage has not run)")
-        counts[stage] = json.loads(path.read_text())
+    out.require(out.download_record, *(out.stats(stage) for stage in STAGE_STATS))
+    fetched = json.loads(out.download_record.read_text())
+    counts = {stage: json.loads(out.stats(stage).read_text()) for stage in STAGE_STATS}
     return {
         "schema_version": SCHEMA_VERSION,
         "build": cfg.build,
@@ -104,7 +97,7 @@ def build_manifest(cfg: BuildConfig) -> dict:
         "release_files": fetched["release_files"],
         "tools": tool_versions(cfg),
         "counts": counts,
-        "outputs": list_outputs(out),
+        "outputs": list_outputs(out.root),
     }
 
 

@@ -41,13 +41,13 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipeline.atomic import atomic_dir, scratch_dir, write_text_atomic
+from pipeline.build_dir import SPLITS, BuildDir
 from pipeline.checksums import sha256_file
 from pipeline.config import ShardsConfig
 from pipeline.errors import PipelineError
 from pipeline.partition import BucketWriter
 from pipeline.progress import format_sizeof, progress_bar
 
-SPLITS = ("train", "valid", "test")
 FIELD = "cluster.json"
 INDEX = "index.json"
 SCHEMA_VERSION = 2  # 2: keys.npy, member_offsets.npy and member_lengths.npy beside the tars
@@ -134,6 +134,11 @@ def read_index(split_dir: str | Path) -> dict:
     if not path.is_file():
         raise PipelineError(f"{path}: no shard index (run 'esm2-data shards' first)")
     return json.loads(path.read_text())
+
+
+def shard_name(split: str, index: int) -> str:
+    """The file name of shard ``index`` of a split (``<split>-%06d.tar``)."""
+    return f"{split}-{index:06d}.tar"
 
 
 def shard_paths(split_dir: str | Path) -> list[Path]:
@@ -298,7 +303,7 @@ class ShardWriter:
 
     def _close(self) -> None:
         self._tar.close()
-        name = f"{self.split}-{len(self.shards) - 1:06d}.tar"
+        name = shard_name(self.split, len(self.shards) - 1)
         path = self.dir / name
         path.write_bytes(self._buf.getvalue())
         self.shards[-1] = {"file": name, **self.shards[-1], "bytes": path.stat().st_size,
@@ -356,12 +361,12 @@ class _ArrayWriter:
         return self.path.name
 
 
-def _uniref90_rows(out: Path, tmp: Path, n_buckets: int) -> list[Path | None]:
+def _uniref90_rows(out: BuildDir, tmp: Path, n_buckets: int) -> list[Path | None]:
     """Partition (rep90, rep50, entries) rows and rep90 sequences by representative hash."""
     by_acc = pl.col("acc").hash(seed=7) % n_buckets
     carry: pl.DataFrame | None = None
     with BucketWriter(tmp, "rows", n_buckets) as rows, BucketWriter(tmp, "seqs", n_buckets) as seqs:
-        for batch in pq.ParquetFile(out / "clusters.parquet").iter_batches(
+        for batch in pq.ParquetFile(out.clusters).iter_batches(
             _BATCH, columns=["rep90", "rep50"]
         ):
             df = pl.from_arrow(batch)
@@ -373,7 +378,7 @@ def _uniref90_rows(out: Path, tmp: Path, n_buckets: int) -> list[Path | None]:
             rows.write(_count(df), by_acc)
         if carry is not None:
             rows.write(_count(carry), by_acc)
-        for batch in pq.ParquetFile(out / "sequences.parquet").iter_batches(
+        for batch in pq.ParquetFile(out.sequences).iter_batches(
             _BATCH, columns=["accession", "sequence"]
         ):
             seqs.write(pl.from_arrow(batch).rename({"accession": "acc"}), by_acc)
@@ -431,15 +436,13 @@ def _samples(part: pl.DataFrame) -> Iterator[tuple[str, ClusterSample]]:
 
 def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int) -> dict:
     """Write ``<out>/shards/`` (all splits) from clusters, splits and sequences."""
-    out = Path(out_dir)
-    for name in ("clusters.parquet", "splits.parquet", "sequences.parquet"):
-        if not (out / name).is_file():
-            raise PipelineError(f"{out / name}: missing (run ingest, cluster and split first)")
-    n_buckets = max(1, math.ceil((out / "sequences.parquet").stat().st_size * 3
+    out = BuildDir(out_dir)
+    out.require(out.sequences, out.clusters, out.splits)
+    n_buckets = max(1, math.ceil(out.sequences.stat().st_size * 3
                                  / cfg.bucket_bytes))
-    splits = pl.read_parquet(out / "splits.parquet", columns=["rep50", "split"])
+    splits = pl.read_parquet(out.splits, columns=["rep50", "split"])
     total = splits.height
-    with scratch_dir(out, "shards") as tmp, atomic_dir(out / "shards") as dest:
+    with scratch_dir(out, "shards") as tmp, atomic_dir(out.shards) as dest:
         parts = _uniref90_rows(out, tmp, n_buckets)
         ordered = _joined_members(parts, splits, seed, tmp, n_buckets)
         writers = {s: ShardWriter(dest / s, s, cfg.max_shard_bytes) for s in SPLITS}
@@ -457,5 +460,5 @@ def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int) -> dict:
     if written != total:
         raise PipelineError(f"wrote {written} cluster samples for {total} UniRef50 clusters")
     summary = {s: i["totals"] for s, i in indexes.items()}
-    write_text_atomic(out / "stats" / "shards.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out.stats("shards"), json.dumps(summary, indent=2) + "\n")
     return summary

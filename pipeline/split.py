@@ -9,11 +9,10 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.atomic import atomic_path, write_text_atomic
+from pipeline.build_dir import SPLITS, BuildDir
 from pipeline.config import SplitConfig
 from pipeline.errors import PipelineError
 from pipeline.linking import link_clusters
-
-SPLITS = ("train", "valid", "test")
 
 
 def split_of(cluster_id: str, seed: int, valid: float, test: float) -> str:
@@ -99,18 +98,16 @@ def split(
     mmseqs: str | None = None,
 ) -> dict:
     """Write splits.parquet (rep50, group, split, pinned) and stats/split.json."""
-    out = Path(out_dir)
-    clusters_path = out / "clusters.parquet"
-    if not clusters_path.is_file():
-        raise PipelineError(f"{clusters_path}: missing (run 'esm2-data cluster' first)")
-    clusters = pl.read_parquet(clusters_path)
+    out = BuildDir(out_dir)
+    out.require(out.sequences, out.records, out.clusters)
+    clusters = pl.read_parquet(out.clusters)
     groups, links = link_clusters(out, cfg, threads, mmseqs)
     table, info = assign_splits(groups, cfg, seed)
-    with atomic_path(out / "splits.parquet") as tmp:
+    with atomic_path(out.splits) as tmp:
         table.write_parquet(tmp, compression="zstd")
     lengths = (
-        pl.read_parquet(out / "records.parquet", columns=["accession", "seq_hash"])
-        .join(pl.read_parquet(out / "sequences.parquet", columns=["seq_hash", "length"]),
+        pl.read_parquet(out.records, columns=["accession", "seq_hash"])
+        .join(pl.read_parquet(out.sequences, columns=["seq_hash", "length"]),
               on="seq_hash")
         .select("accession", "length")
     )
@@ -146,5 +143,5 @@ def split(
             for name in SPLITS
         },
     }
-    write_text_atomic(out / "stats" / "split.json", json.dumps(stats, indent=2) + "\n")
+    write_text_atomic(out.stats("split"), json.dumps(stats, indent=2) + "\n")
     return stats

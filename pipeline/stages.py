@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from pipeline.config import BuildConfig
 
@@ -16,11 +15,6 @@ def _download(cfg: BuildConfig) -> dict:
     return run_download(cfg)
 
 
-def ingest_part_dir(cfg: BuildConfig, index: int) -> Path:
-    """Where ``esm2-data ingest --part index`` leaves input ``index``'s partitions."""
-    return Path(cfg.out_dir) / "ingest_parts" / str(index)
-
-
 def _ingest(cfg: BuildConfig, part: int | None = None, merge: bool = False) -> dict:
     """All inputs in one process; or one input (``part``), or the merge of all parts, so that
     a build's inputs are parsed as parallel jobs (the Snakefile's ``ingest_part`` rule)."""
@@ -29,10 +23,10 @@ def _ingest(cfg: BuildConfig, part: int | None = None, merge: bool = False) -> d
     opts = cfg.ingest
     inputs = [cfg.raw_path(item) for item in cfg.inputs]
     if part is not None:
-        return ingest_part(inputs, part, ingest_part_dir(cfg, part), on_error=opts.on_error,
+        return ingest_part(inputs, part, cfg.out.ingest_part(part), on_error=opts.on_error,
                            chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes)
     if merge:
-        parts = [ingest_part_dir(cfg, i) for i in range(len(inputs))]
+        parts = [cfg.out.ingest_part(i) for i in range(len(inputs))]
         return merge_parts(inputs, parts, cfg.out_dir, on_error=opts.on_error,
                            row_group_rows=opts.row_group_rows)
     return ingest(

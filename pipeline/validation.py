@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.atomic import atomic_dir, write_text_atomic
+from pipeline.build_dir import BuildDir
 from pipeline.config import ValidationConfig
 from pipeline.errors import PipelineError
 from pipeline.shards import ARRAYS, ClusterSample, ShardWriter, order_key
@@ -26,14 +27,14 @@ FILES = ("validation.fasta", "validation.parquet", "validation-000000.tar", "ind
 log = logging.getLogger(__name__)
 
 
-def select_validation(out: Path, cfg: ValidationConfig, seed: int) -> tuple[pl.DataFrame, int]:
+def select_validation(out: BuildDir, cfg: ValidationConfig, seed: int) -> tuple[pl.DataFrame, int]:
     """(cluster, accession, entries, member_entries, length, sequence) of the chosen clusters,
     and the number of valid clusters there were to choose from."""
-    splits = pl.read_parquet(out / "splits.parquet", columns=["rep50", "split"])
+    splits = pl.read_parquet(out.splits, columns=["rep50", "split"])
     valid = splits.filter(pl.col("split") == "valid").get_column("rep50")
     if valid.is_empty():  # a result (e.g. split.valid_fraction: 0), not an error
         log.warning("%s: the valid split is empty: the validation set has no sequence",
-                    out / "splits.parquet")
+                    out.splits)
     chosen = (
         pl.DataFrame({"cluster": valid})
         .with_columns(
@@ -45,7 +46,7 @@ def select_validation(out: Path, cfg: ValidationConfig, seed: int) -> tuple[pl.D
         .head(cfg.size)
         .with_columns(pl.col("cluster").str.replace("^UniRef50_", "").alias("accession"))
     )
-    clusters = pl.read_parquet(out / "clusters.parquet", columns=["rep90", "rep50"]).filter(
+    clusters = pl.read_parquet(out.clusters, columns=["rep90", "rep50"]).filter(
         pl.col("rep50").is_in(chosen.get_column("cluster").implode())
     )
     entries = clusters.group_by("rep50").len().rename({"rep50": "cluster", "len": "entries"})
@@ -54,7 +55,7 @@ def select_validation(out: Path, cfg: ValidationConfig, seed: int) -> tuple[pl.D
                         == pl.col("rep50").str.replace("^UniRef50_", ""))
         .group_by("rep50").len().rename({"rep50": "cluster", "len": "member_entries"})
     )
-    seqs = pl.read_parquet(out / "sequences.parquet", columns=["accession", "sequence"])
+    seqs = pl.read_parquet(out.sequences, columns=["accession", "sequence"])
     table = (
         chosen.join(entries, on="cluster", how="left")
         .join(member, on="cluster", how="left")
@@ -69,14 +70,12 @@ def select_validation(out: Path, cfg: ValidationConfig, seed: int) -> tuple[pl.D
 
 def write_validation(out_dir: str | Path, cfg: ValidationConfig, seed: int) -> dict:
     """Write ``<out>/validation/`` and return its summary."""
-    out = Path(out_dir)
-    for name in ("clusters.parquet", "splits.parquet", "sequences.parquet"):
-        if not (out / name).is_file():
-            raise PipelineError(f"{out / name}: missing (run ingest, cluster and split first)")
+    out = BuildDir(out_dir)
+    out.require(out.sequences, out.clusters, out.splits)
     table, available = select_validation(out, cfg, seed)
     if table.get_column("sequence").null_count():
         raise PipelineError("validation: a representative has no sequence (stale inputs?)")
-    with atomic_dir(out / "validation") as dest:
+    with atomic_dir(out.validation) as dest:
         with open(dest / "validation.fasta", "w", encoding="ascii") as fh:
             for cluster, seq in table.select("cluster", "sequence").iter_rows():
                 fh.write(f">{cluster}\n{seq}\n")
@@ -94,5 +93,5 @@ def write_validation(out_dir: str | Path, cfg: ValidationConfig, seed: int) -> d
         "sequences": table.height,
         "residues": int(table.get_column("length").sum()),
     }
-    write_text_atomic(out / "stats" / "validation.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out.stats("validation"), json.dumps(summary, indent=2) + "\n")
     return summary

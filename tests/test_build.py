@@ -305,6 +305,7 @@ def test_dataset_report_notebook_runs(sample_build: SampleBuild, monkeypatch) ->
 def test_alignment_links_join_clusters_into_split_groups(sample_build: SampleBuild) -> None:
     """cluster_links.parquet: pairs of different UniRef50 clusters the clustering aligned at
     >= 50%; link_method: alignments puts each pair in one split group, with no search."""
+    from pipeline.build_dir import BuildDir
     from pipeline.config import SplitConfig
     from pipeline.linking import link_clusters
 
@@ -316,11 +317,11 @@ def test_alignment_links_join_clusters_into_split_groups(sample_build: SampleBui
     assert set(links.get_column("a")) | set(links.get_column("b")) <= reps
     assert links.get_column("identity").min() >= 0.5
     assert links.get_column("identity").max() <= 1.0
-    groups, n = link_clusters(out, SplitConfig(link_method="alignments"), 1, None)
+    groups, n = link_clusters(BuildDir(out), SplitConfig(link_method="alignments"), 1, None)
     assert n == links.height and groups.height == len(reps)
     group_of = dict(groups.iter_rows())
     assert all(group_of[a] == group_of[b] for a, b in links.select("a", "b").iter_rows())
-    strict, n_strict = link_clusters(out, SplitConfig(link_method="alignments",
+    strict, n_strict = link_clusters(BuildDir(out), SplitConfig(link_method="alignments",
                                                       link_identity=0.9), 1, None)
     assert n_strict < n and strict.get_column("group").n_unique() > groups.get_column(
         "group").n_unique()
@@ -388,3 +389,24 @@ def test_slurm_profile_sets_per_rule_resources_and_groups(tmp_path: Path) -> Non
     assert "mem_mb=950000" in resources["cluster"] and "cpus_per_task=64" in resources[
         "cluster"]
     assert "Group job after-split" in text
+
+
+def test_build_dir_names_each_path_and_the_stage_that_makes_it(tmp_path: Path) -> None:
+    from pipeline.build_dir import BuildDir
+    from pipeline.errors import PipelineError
+
+    build = BuildDir(tmp_path)
+    assert build.sequences == tmp_path / "sequences.parquet"
+    assert build.split_shards("valid") == tmp_path / "shards" / "valid"
+    assert BuildDir.split_rel("valid") == "shards/valid"
+    assert build.stats("leakage") == tmp_path / "stats" / "leakage.json"
+    assert build.ingest_part(1) == tmp_path / "ingest_parts" / "1"
+    assert {p.relative_to(tmp_path).as_posix() for p in build.outputs()} >= {
+        "raw/download.json", "clusters.parquet", "shards", "validation"}
+    build.sequences.write_text("")
+    with pytest.raises(PipelineError, match=r"clusters\.parquet: missing \(run 'esm2-data "
+                                            r"cluster' first\)"):
+        build.require(build.sequences, build.clusters)
+    with pytest.raises(PipelineError, match=r"leakage\.json: missing \(run 'esm2-data "
+                                            r"check-leakage' first\)"):
+        build.require(build.stats("leakage"))

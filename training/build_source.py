@@ -21,9 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from pipeline.build_dir import BuildDir
 from pipeline.checksums import sha256_file
 from pipeline.errors import PipelineError
-from pipeline.shards import ARRAYS, INDEX, read_index
+from pipeline.shards import ARRAYS, INDEX, read_index, shard_name
 
 _HTTP = ("http", "https")
 
@@ -76,7 +77,7 @@ class BuildSource:
 
     def split_dir(self, split: str) -> Path:
         """The local directory of ``shards/<split>`` with its index and arrays (not the shards)."""
-        rel = f"shards/{split}"
+        rel = BuildDir.split_rel(split)
         if self.remote:  # the index always; the arrays (GBs at scale) only when it changed
             cached = self.path(f"{rel}/{INDEX}")
             before = cached.read_bytes() if cached.is_file() else None
@@ -92,15 +93,16 @@ class BuildSource:
 
     def validation_shard(self) -> Path | None:
         """The fixed validation set's shard, if the build has one."""
-        rel = "validation/validation-000000.tar"
+        name = shard_name(BuildDir.VALIDATION, 0)  # the set is one shard
+        rel = f"{BuildDir.VALIDATION}/{name}"
         if not self.remote:
             path = self.root / rel
             return path if path.is_file() else None
         try:
-            index = read_index(self.fetch("validation/index.json", refresh=True).parent)
+            index = read_index(self.fetch(f"{BuildDir.VALIDATION}/{INDEX}", refresh=True).parent)
         except PipelineError:
             return None
-        sha = {s["file"]: s["sha256"] for s in index["shards"]}.get("validation-000000.tar")
+        sha = {s["file"]: s["sha256"] for s in index["shards"]}.get(name)
         return self.fetch(rel, sha)
 
 
@@ -113,11 +115,12 @@ class ShardOpener:
 
     def __call__(self, name: str) -> Path:
         if not self.source.remote:
-            return self.source.path(f"shards/{self.split}/{name}")
+            return self.source.path(f"{BuildDir.split_rel(self.split)}/{name}")
         if self.sha256 is None:
-            index = read_index(self.source.path(f"shards/{self.split}"))
+            index = read_index(self.source.path(BuildDir.split_rel(self.split)))
             self.sha256 = {s["file"]: s["sha256"] for s in index["shards"]}
-        return self.source.fetch(f"shards/{self.split}/{name}", self.sha256.get(name))
+        return self.source.fetch(f"{BuildDir.split_rel(self.split)}/{name}",
+                                 self.sha256.get(name))
 
 
 @contextmanager
