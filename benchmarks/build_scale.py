@@ -11,6 +11,7 @@ sublinearly with size.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -68,6 +69,12 @@ def main() -> None:
             print(f"n={n} {stage:<14} {wall:8.1f} s {rss:8.0f} MiB "
                   f"(MMseqs2 {rows[stage][2]:.1f} s)", flush=True)
         table[n] = rows
+        leak = json.loads((out / "stats" / "leakage.json").read_text())
+        split = json.loads((out / "stats" / "split.json").read_text())
+        print(f"n={n} linking {split['linking']}: {split['cluster_links']:,} links, "
+              f"{split['split_groups']:,} split groups; held-out with a >= 50% train hit: "
+              f"{leak['at_or_above_threshold']:,} of {leak['queries']:,} "
+              f"({leak['fraction_at_or_above_threshold']:.2%})", flush=True)
     sizes = list(table)
     print(f"\n{'stage':<14}" + "".join(f"{f'{n:,} s':>14}{'MMseqs2 s':>11}{'MiB':>8}"
                                        for n in sizes))

@@ -26,6 +26,7 @@ from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
 from pipeline.config import ClusterConfig, ClusterStage
 from pipeline.errors import PipelineError
+from pipeline.ids import uniref_id
 from pipeline.mmseqs import MMseqs
 from pipeline.progress import progress_bar
 
@@ -117,8 +118,8 @@ def cross_cluster_links(pairs: pl.LazyFrame, c50: pl.DataFrame,
         .join(acc.rename({"rep_row": "qrep", "acc": "qacc"}), on="qrep")
         .join(acc.rename({"rep_row": "trep", "acc": "tacc"}), on="trep")
         .select(
-            ("UniRef50_" + pl.min_horizontal("qacc", "tacc")).alias("a"),
-            ("UniRef50_" + pl.max_horizontal("qacc", "tacc")).alias("b"),
+            uniref_id(50, pl.min_horizontal("qacc", "tacc")).alias("a"),
+            uniref_id(50, pl.max_horizontal("qacc", "tacc")).alias("b"),
             "identity",
         )
         .group_by("a", "b").agg(pl.col("identity").max())
@@ -176,8 +177,8 @@ def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
         .join(names.rename({"row": "rep50_row", "acc": "rep50_acc"}), on="rep50_row")
         .select(
             pl.col("acc").alias("rep_accession"),
-            ("UniRef90_" + pl.col("rep90_acc")).alias("rep90"),
-            ("UniRef50_" + pl.col("rep50_acc")).alias("rep50"),
+            uniref_id(90, pl.col("rep90_acc")).alias("rep90"),
+            uniref_id(50, pl.col("rep50_acc")).alias("rep50"),
         )
     )
     table = (

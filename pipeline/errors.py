@@ -7,8 +7,8 @@ class PipelineError(Exception):
     """An expected failure (bad input, bad config, network, checksum) with a one-line message."""
 
 
-class ConfigError(PipelineError):
-    """The build configuration is invalid."""
+class ConfigError(PipelineError, ValueError):
+    """A configuration (build, training or model) is invalid."""
 
 
 class DownloadError(PipelineError):

@@ -8,7 +8,6 @@ distribution of each query's best-hit identity and the fraction at or above
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline.build_dir import BuildDir
 from pipeline.cluster import write_indexed_fasta
 from pipeline.config import LeakageConfig
 from pipeline.errors import PipelineError
+from pipeline.ids import order_key
 from pipeline.mmseqs import MMseqs
 
 IDENTITY_BINS = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]
@@ -42,7 +42,7 @@ def _sample(rows: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
     if rows.height <= n:
         return rows
     key = rows.get_column("accession").map_elements(
-        lambda a: hashlib.blake2b(f"{seed}:{a}".encode(), digest_size=8).hexdigest(),
+        lambda a: order_key(seed, a),
         return_dtype=pl.String,
     )
     return rows.with_columns(key.alias("_k")).sort("_k").head(n).drop("_k").sort("row")

@@ -26,6 +26,7 @@ from pipeline.build_dir import BuildDir
 from pipeline.cluster import write_indexed_fasta
 from pipeline.config import SplitConfig
 from pipeline.errors import PipelineError
+from pipeline.ids import accession_of
 from pipeline.mmseqs import MMseqs
 
 
@@ -62,7 +63,7 @@ def components(reps: pl.Series, edges: pl.DataFrame) -> pl.DataFrame:
 
 def _is_representative(rows: pl.DataFrame, level: int) -> np.ndarray:
     """Mask in row order: is the row the representative of its UniRef``level`` cluster?"""
-    own_rep = pl.col(f"rep{level}").str.strip_prefix(f"UniRef{level}_")
+    own_rep = accession_of(level, pl.col(f"rep{level}"))
     return rows.select((pl.col("accession") == own_rep).fill_null(False)).to_series().to_numpy()
 
 

@@ -6,9 +6,10 @@ Shard contract (see DESIGN.md), owned here:
   shard's sample, UniRef90-member and residue counts and sha256.
 * Beside them, three NumPy arrays over the split's samples in shard order (sample ``i`` of the
   split is sample ``i - start`` of the shard that holds it), so a reader can plan batches and
-  seek samples without reading the shards: ``keys.npy`` (uint64 :func:`cluster_hash` of each
-  cluster id), ``member_offsets.npy`` (int64, samples + 1) and ``member_lengths.npy`` (int32,
-  the residues of every UniRef90 member, aligned with each sample's ``members``).
+  seek samples without reading the shards: ``keys.npy`` (uint64
+  :func:`~pipeline.ids.cluster_hash` of each cluster id), ``member_offsets.npy`` (int64,
+  samples + 1) and ``member_lengths.npy`` (int32, the residues of every UniRef90 member,
+  aligned with each sample's ``members``).
 * One sample per UniRef50 cluster. ``__key__`` is the cluster id (``.`` and ``%`` are
   percent-encoded, since WebDataset splits keys at dots); the one field, ``cluster.json``, holds
   ``cluster`` (the UniRef50 id), ``uniprot_entries`` (UniProt records in the cluster),
@@ -25,7 +26,6 @@ order clusters), and each partition is processed on its own.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -45,6 +45,7 @@ from pipeline.build_dir import SPLITS, BuildDir
 from pipeline.checksums import sha256_file
 from pipeline.config import ShardsConfig
 from pipeline.errors import PipelineError
+from pipeline.ids import accession_of, cluster_hash, order_key
 from pipeline.partition import BucketWriter
 from pipeline.progress import format_sizeof, progress_bar
 
@@ -54,11 +55,6 @@ SCHEMA_VERSION = 2  # 2: keys.npy, member_offsets.npy and member_lengths.npy bes
 ARRAYS = {"keys": ("keys.npy", np.uint64), "member_offsets": ("member_offsets.npy", np.int64),
           "member_lengths": ("member_lengths.npy", np.int32)}
 _BATCH = 65_536
-
-
-def cluster_hash(cluster_id: str) -> int:
-    """The 64-bit hash of a cluster id (``keys.npy``; seeds a cluster's random choices)."""
-    return int.from_bytes(hashlib.blake2b(cluster_id.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)
@@ -252,11 +248,6 @@ class ShardReader:
             self._open.popitem()[1].close()
 
 
-def order_key(seed: int, cluster_id: str) -> str:
-    """The seeded cluster-order hash (hex, 16 chars)."""
-    return hashlib.blake2b(f"{seed}:{cluster_id}".encode(), digest_size=8).hexdigest()
-
-
 class ShardWriter:
     """Writes samples of one split into size-bounded, byte-reproducible tar shards."""
 
@@ -389,7 +380,7 @@ def _uniref90_rows(out: BuildDir, tmp: Path, n_buckets: int) -> list[Path | None
 def _count(df: pl.DataFrame) -> pl.DataFrame:
     return df.group_by("rep90", maintain_order=True).agg(
         pl.col("rep50").first(), pl.len().cast(pl.Int64).alias("entries")
-    ).with_columns(pl.col("rep90").str.replace("^UniRef90_", "").alias("acc"))
+    ).with_columns(accession_of(90, pl.col("rep90")).alias("acc"))
 
 
 def _joined_members(
@@ -424,8 +415,7 @@ def _join_partition(
 
 def _samples(part: pl.DataFrame) -> Iterator[tuple[str, ClusterSample]]:
     part = part.with_columns(
-        (pl.col("rep90").str.replace("^UniRef90_", "")
-         != pl.col("rep50").str.replace("^UniRef50_", "")).alias("_not_rep")
+        (accession_of(90, pl.col("rep90")) != accession_of(50, pl.col("rep50"))).alias("_not_rep")
     ).sort(["key", "rep50", "_not_rep", "rep90"])
     grouped = part.group_by(["key", "rep50"], maintain_order=True).agg(
         pl.col("split").first(), pl.col("rep90"), pl.col("entries"), pl.col("sequence")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,13 +11,13 @@ from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.build_dir import SPLITS, BuildDir
 from pipeline.config import SplitConfig
 from pipeline.errors import PipelineError
+from pipeline.ids import uniform
 from pipeline.linking import link_clusters
 
 
 def split_of(cluster_id: str, seed: int, valid: float, test: float) -> str:
     """The split of one cluster: a uniform draw from a seeded hash of its id."""
-    digest = hashlib.blake2b(f"{seed}:{cluster_id}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "big") / 2**64
+    u = uniform(seed, cluster_id)
     if u < valid:
         return "valid"
     if u < valid + test:

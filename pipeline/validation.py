@@ -18,7 +18,8 @@ from pipeline.atomic import atomic_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
 from pipeline.config import ValidationConfig
 from pipeline.errors import PipelineError
-from pipeline.shards import ARRAYS, ClusterSample, ShardWriter, order_key
+from pipeline.ids import UNIREF90, accession_of, order_key
+from pipeline.shards import ARRAYS, ClusterSample, ShardWriter
 
 FILES = ("validation.fasta", "validation.parquet", "validation-000000.tar", "index.json",
          *(file for file, _ in ARRAYS.values()))
@@ -44,15 +45,14 @@ def select_validation(out: BuildDir, cfg: ValidationConfig, seed: int) -> tuple[
         )
         .sort("key")
         .head(cfg.size)
-        .with_columns(pl.col("cluster").str.replace("^UniRef50_", "").alias("accession"))
+        .with_columns(accession_of(50, pl.col("cluster")).alias("accession"))
     )
     clusters = pl.read_parquet(out.clusters, columns=["rep90", "rep50"]).filter(
         pl.col("rep50").is_in(chosen.get_column("cluster").implode())
     )
     entries = clusters.group_by("rep50").len().rename({"rep50": "cluster", "len": "entries"})
     member = (
-        clusters.filter(pl.col("rep90").str.replace("^UniRef90_", "")
-                        == pl.col("rep50").str.replace("^UniRef50_", ""))
+        clusters.filter(accession_of(90, pl.col("rep90")) == accession_of(50, pl.col("rep50")))
         .group_by("rep50").len().rename({"rep50": "cluster", "len": "member_entries"})
     )
     seqs = pl.read_parquet(out.sequences, columns=["accession", "sequence"])
@@ -83,7 +83,7 @@ def write_validation(out_dir: str | Path, cfg: ValidationConfig, seed: int) -> d
         writer = ShardWriter(dest, "validation", max_bytes=1 << 62)
         for row in table.iter_rows(named=True):
             writer.write(ClusterSample(row["cluster"], row["entries"],
-                                       [f"UniRef90_{row['accession']}"],
+                                       [UNIREF90 + row["accession"]],
                                        [row["member_entries"]], [row["sequence"]]))
         writer.finish()
     summary = {

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError
+from training.data import EVAL_SEED
 from training.errors import UserError
+from training.model_config import MAX_RESIDUES
 
 PROG = "esm2-train"
 
@@ -216,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset build (uses validation/); a run's own by default")
     p.add_argument("--cache-dir", default=None, help="local cache of a remote build")
     p.add_argument("--shards", nargs="*", default=[], help="cluster shards to evaluate on")
-    p.add_argument("--seed", type=int, default=12345, help="masking seed (fixed per report)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED, help="masking seed (fixed per report)")
     p.add_argument("--limit", type=int, default=0, help="at most this many sequences")
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if any)")
@@ -268,8 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-residues",
         type=int,
-        default=1022,
-        help="longer sequences are truncated (or windowed with --window); default 1022",
+        default=MAX_RESIDUES,
+        help=f"longer sequences are truncated (or windowed with --window); default {MAX_RESIDUES}",
     )
     p.add_argument(
         "--window",

@@ -3,58 +3,26 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field
 
-from training.data import DataConfig
-from training.errors import UserError
+from pipeline.settings import Section, read_yaml, validate
+from training.data import EVAL_SEED, DataConfig
 from training.model_config import ModelConfig
 
 
-class TrainConfigError(UserError, ValueError):
-    """The training config is invalid."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class ModelSection(_Section):
+class ModelSection(Section):
     preset: str = "tiny"
-    overrides: dict[str, Any] = {}  # ModelConfig fields (e.g. backend: te, token_dropout: false)
+    # ModelConfig fields (e.g. backend: te, token_dropout: false)
+    overrides: dict[str, Any] = Field(default_factory=dict)
 
     def build(self) -> ModelConfig:
         """The ModelConfig this section describes (the preset with the overrides applied)."""
         return ModelConfig.from_preset(self.preset, **self.overrides)
 
 
-class DataSection(_Section):
-    seed: int = 0
-    max_residues: int = Field(1022, gt=0)
-    tokens_per_batch: int = Field(16_384, gt=0)  # per micro-batch and rank
-    packed: bool = True
-    sort_window: int = Field(256, gt=0)  # validation batching
-    shuffle_chunk: int = Field(4096, gt=0)  # consecutive clusters shuffled together
-    num_workers: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _budget_holds_a_sequence(self) -> DataSection:
-        if self.tokens_per_batch < self.max_residues + 2:
-            raise ValueError(f"tokens_per_batch ({self.tokens_per_batch}) must hold one cropped "
-                             f"sequence: at least max_residues + 2 = {self.max_residues + 2}")
-        return self
-
-    def loader_config(self) -> DataConfig:
-        """The loader's view of this section."""
-        return DataConfig(seed=self.seed, max_residues=self.max_residues,
-                          tokens_per_batch=self.tokens_per_batch, sort_window=self.sort_window,
-                          packed=self.packed, shuffle_chunk=self.shuffle_chunk)
-
-
-class OptimSection(_Section):
+class OptimSection(Section):
     """AdamW and ESM-2's schedule: linear warm-up, then linear decay to ``min_lr_ratio``."""
 
     lr: float = Field(4e-4, gt=0)
@@ -67,7 +35,7 @@ class OptimSection(_Section):
     grad_clip: float = Field(1.0, ge=0)
 
 
-class RunSection(_Section):
+class RunSection(Section):
     steps: int = Field(gt=0)  # optimiser steps
     # tokens of a global batch (all ranks together; the same clusters for any world size);
     # 0: data.tokens_per_batch
@@ -80,32 +48,19 @@ class RunSection(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: int = Field(3, ge=0, le=3)
     eval_max_sequences: int = Field(0, ge=0)  # 0: the whole validation set
-    eval_seed: int = 12345  # fixed masking of the validation set
+    eval_seed: int = EVAL_SEED  # fixed masking of the validation set
     tensorboard: bool = False
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
+    data: DataConfig = DataConfig()
     optim: OptimSection = OptimSection()
     run: RunSection
-    deepspeed: dict[str, Any] = {}  # merged last into the generated DeepSpeed config
+    # merged last into the generated DeepSpeed config
+    deepspeed: dict[str, Any] = Field(default_factory=dict)
 
 
 def load_train_config(path: str | os.PathLike[str]) -> TrainConfig:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise TrainConfigError(f"{p}: cannot read config: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise TrainConfigError(f"{p}: not valid YAML: {str(err).splitlines()[0]}") from None
-    try:
-        return TrainConfig.model_validate(data or {})
-    except ValidationError as err:
-        parts = []
-        for e in err.errors():
-            loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
-            msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {'unknown key' if e['type'] == 'extra_forbidden' else msg}")
-        raise TrainConfigError(f"{p}: invalid config: " + "; ".join(parts)) from None
+    """Load and validate a YAML training config."""
+    return validate(TrainConfig, read_yaml(path), str(path))

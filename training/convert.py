@@ -34,7 +34,7 @@ from training.checkpoint import (
 )
 from training.errors import UserError
 from training.model import ESM2, RotaryEmbedding
-from training.model_config import ConfigError, ModelConfig
+from training.model_config import MAX_POSITIONS, ConfigError, ModelConfig
 
 
 class ConversionError(UserError, ValueError):
@@ -107,7 +107,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str = "config.json") -> ModelC
             hidden_size=hf["hidden_size"],
             num_heads=hf["num_attention_heads"],
             ffn_size=hf["intermediate_size"],
-            max_position_embeddings=hf.get("max_position_embeddings", 1026),
+            max_position_embeddings=hf.get("max_position_embeddings", MAX_POSITIONS),
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
             rope_theta=hf.get("rope_theta", 10000.0),
             token_dropout=bool(hf.get("token_dropout", False)),

@@ -20,11 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import PipelineError
-from pipeline.shards import ClusterSample, ShardReader, SplitIndex, cluster_hash
+from pipeline.ids import cluster_hash
+from pipeline.settings import Section
+from pipeline.shards import ClusterSample, ShardReader, SplitIndex
 from training.alphabet import CLS, EOS, MASK, PAD, SPECIAL_IDS, STANDARD_AA_IDS, VOCAB_SIZE, encode
+from training.model_config import MAX_RESIDUES
 from training.sampler import GlobalBatch, Position, assign, global_batches, member_draws
 
 IGNORE_INDEX = -100
@@ -33,19 +37,32 @@ _SPECIAL[sorted(SPECIAL_IDS)] = True
 _RANDOM_RESIDUES = np.asarray(STANDARD_AA_IDS, dtype=np.int64)
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    """How clusters become batches."""
+EVAL_SEED = 12345  # the validation set's fixed masking (the same for every run and report)
+
+
+class DataConfig(Section):
+    """How clusters become batches (a training config's ``data:`` section)."""
 
     seed: int = 0
-    max_residues: int = 1022  # crop; +2 for <cls>/<eos>
-    mask_prob: float = 0.15
-    mask_token_frac: float = 0.8
-    random_token_frac: float = 0.1
-    tokens_per_batch: int = 16_384  # real + pad tokens (padded) or packed tokens per batch
-    sort_window: int = 256  # examples sorted by length together (validation batching)
+    max_residues: int = Field(MAX_RESIDUES, gt=0)  # crop; +2 for <cls>/<eos>
+    mask_prob: float = Field(0.15, gt=0, lt=1)
+    mask_token_frac: float = Field(0.8, ge=0, le=1)
+    random_token_frac: float = Field(0.1, ge=0, le=1)
+    # real + pad tokens (padded) or packed tokens per micro-batch and rank
+    tokens_per_batch: int = Field(16_384, gt=0)
+    sort_window: int = Field(256, gt=0)  # examples sorted by length together (validation)
     packed: bool = True
-    shuffle_chunk: int = 4096  # consecutive samples shuffled together (read locality)
+    shuffle_chunk: int = Field(4096, gt=0)  # consecutive clusters shuffled together (locality)
+    num_workers: int = Field(0, ge=0)  # DataLoader workers per rank
+
+    @model_validator(mode="after")
+    def _budget_holds_a_sequence(self) -> DataConfig:
+        if self.tokens_per_batch < self.max_residues + 2:
+            raise ValueError(f"tokens_per_batch ({self.tokens_per_batch}) must hold one cropped "
+                             f"sequence: at least max_residues + 2 = {self.max_residues + 2}")
+        if self.mask_token_frac + self.random_token_frac > 1:
+            raise ValueError("mask_token_frac + random_token_frac must be at most 1")
+        return self
 
 
 @dataclass(frozen=True)
@@ -60,7 +77,7 @@ class Example:
 
 def cluster_rng(seed: int, epoch: int, key_hash: int) -> np.random.Generator:
     """The crop and masking RNG of one cluster in one epoch (``key_hash``: its
-    :func:`~pipeline.shards.cluster_hash`); independent of rank, worker and order."""
+    :func:`~pipeline.ids.cluster_hash`); independent of rank, worker and order."""
     return np.random.default_rng([seed, epoch, key_hash])
 
 

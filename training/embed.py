@@ -13,10 +13,11 @@ Store layout (``N`` sequences, ``R`` embedded residues in all, ``H`` hidden size
 
 Layer numbers: 0 = embedding output, ``i`` = block ``i``, ``num_layers`` = after the final
 LayerNorm (what ESM and HF call the last hidden state); negative numbers count from the end, so
-``-1`` is the last layer. Sequences over ``max_residues`` (1022, the ESM-2 model card's limit)
-are truncated to their first 1022 residues, or with ``window`` embedded as overlapping windows
-whose per-residue values are averaged. Batches are formed by a token budget over sequences sorted
-by length (within blocks of bounded memory) and run packed (no padding). Arrays are compressed
+``-1`` is the last layer. Sequences over ``max_residues`` (ESM-2's limit,
+:data:`training.model_config.MAX_RESIDUES`) are truncated to their first ``max_residues``, or
+with ``window`` embedded as overlapping windows whose per-residue values are averaged. Batches
+are formed by a token budget over sequences sorted by length (within blocks of bounded memory)
+and run packed (no padding). Arrays are compressed
 with Blosc/zstd; the store is written under a temporary name and renamed when complete.
 """
 
@@ -39,9 +40,9 @@ from training.alphabet import CLS, EOS, encode
 from training.errors import UserError
 from training.layout import pack_token_lists
 from training.model import ESM2
+from training.model_config import MAX_RESIDUES
 
 FORMAT = "esm2-pretrain.embeddings"
-MAX_RESIDUES = 1022
 CHUNK_BYTES = 4 << 20
 BLOCK_BYTES = 64 << 20
 

@@ -13,15 +13,24 @@ import torch
 import torch.distributed as dist
 
 from pipeline.shards import iter_clusters
-from training.data import IGNORE_INDEX, DataConfig, Example, batch_by_tokens, collate, make_example
+from training.data import (
+    EVAL_SEED,
+    IGNORE_INDEX,
+    DataConfig,
+    Example,
+    batch_by_tokens,
+    collate,
+    make_example,
+)
 from training.errors import UserError
+from training.model_config import MAX_RESIDUES
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
 
 
 def validation_examples(
-    shards: Sequence[Path], seed: int, max_residues: int = 1022, limit: int = 0
+    shards: Sequence[Path], seed: int, max_residues: int = MAX_RESIDUES, limit: int = 0
 ) -> list[Example]:
     """The validation set's examples, masked with a fixed seed (the same every evaluation)."""
     cfg = DataConfig(seed=seed, max_residues=max_residues)
@@ -110,7 +119,7 @@ def model_forward(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]],
 def evaluate_model(
     model: torch.nn.Module,
     shards: Iterable[Path],
-    seed: int = 12345,
+    seed: int = EVAL_SEED,
     tokens_per_batch: int = 8192,
     limit: int = 0,
 ) -> dict[str, float]:

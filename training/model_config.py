@@ -6,13 +6,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.errors import ConfigError  # a model config that cannot be built: one error type
 from training.alphabet import VOCAB_SIZE
-from training.errors import UserError
 
+__all__ = ["MAX_POSITIONS", "MAX_RESIDUES", "PRESETS", "ConfigError", "ModelConfig"]
 
-class ConfigError(UserError, ValueError):
-    """A model configuration that cannot be built."""
-
+MAX_RESIDUES = 1022  # ESM-2's crop: residues of one sequence, without <cls> and <eos>
+MAX_POSITIONS = MAX_RESIDUES + 2 + 2  # + <cls>/<eos>, + ESM's padding offset: HF's 1026
 
 #: name -> (layers, hidden size, attention heads); the MLP is 4 x hidden.
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -43,7 +43,7 @@ class ModelConfig:
     num_heads: int = 20
     ffn_size: int = 0  # 0: 4 x hidden_size
     vocab_size: int = VOCAB_SIZE
-    max_position_embeddings: int = 1026  # recorded for HF export (rotary needs no table)
+    max_position_embeddings: int = MAX_POSITIONS  # recorded for HF export (rotary: no table)
     layer_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     token_dropout: bool = True

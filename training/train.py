@@ -176,7 +176,7 @@ class Trainer:
             lr_scheduler=scheduler,
             config=self.ds_config,
         )
-        self.data = cfg.data.loader_config()
+        self.data = cfg.data
         self.position = Position()
         self.step = 0
         if self.resume_tag is not None:
