@@ -108,7 +108,6 @@ def run_train_worker(spec: dict) -> dict:
 
     from training import alphabet
     from training.layout import pack_token_lists
-    from training.model import mlm_loss
 
     torch.set_num_threads(spec["threads"])
     variant = spec["variant"]
@@ -121,7 +120,7 @@ def run_train_worker(spec: dict) -> dict:
             ids, seq_ids = pack_token_lists(tokens)
             labels, _ = pack_token_lists([lab for _, lab in batch])
             labels[seq_ids < 0] = -100
-            loss = mlm_loss(model(ids, seq_ids=seq_ids)["logits"], labels)
+            loss = model(ids, seq_ids=seq_ids, labels=labels)["loss"]
         else:
             ids, mask = alphabet.pad_token_lists(tokens)
             labels = torch.full_like(ids, -100)
@@ -130,7 +129,7 @@ def run_train_worker(spec: dict) -> dict:
             if variant == "hf-padded":
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             else:
-                loss = mlm_loss(model(ids, attention_mask=mask)["logits"], labels)
+                loss = model(ids, attention_mask=mask, labels=labels)["loss"]
         loss.backward()
         model.zero_grad(set_to_none=True)
 

@@ -10,8 +10,8 @@ from scipy.stats import chisquare
 
 from pipeline.errors import PipelineError
 from pipeline.shards import ClusterSample, ShardWriter, SplitIndex
-from training.alphabet import CLS, EOS, MASK
-from training.data import IGNORE_INDEX, DataConfig, make_example, make_loader
+from training.alphabet import CLS, EOS, IGNORE_INDEX, MASK
+from training.data import DataConfig, make_example, make_loader
 from training.sampler import EpochOrder, Position, assign, global_batches
 
 AA = np.array(list("LAGVSERTIDPKQNFYMHWC"))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.helpers import real_sequences
 from training import alphabet
 from training.layout import build_layout, pack_token_lists, plan_buckets
-from training.model import ESM2, ModelConfig, build_model, count_parameters, mlm_loss
+from training.model import ESM2, ModelConfig, build_model, count_parameters
 from training.model_config import PRESETS, ConfigError
 from training.te_backend import (
     BackendUnavailableError,
@@ -312,20 +312,24 @@ def test_bucketed_slots_hold_each_sequence_contiguously() -> None:
 # ----------------------------------------------------------------------------- training pieces
 
 
-def test_mlm_loss_ignores_minus_100() -> None:
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 33, requires_grad=True)
-    labels = torch.full((2, 5), -100)
+def test_forward_with_labels_gives_the_mlm_loss() -> None:
+    """As HF's EsmForMaskedLM: labels in, the mean cross-entropy over the scored positions out
+    (with its sum and count for a trainer); no scored position is a loss of 0 with zero grads."""
+    model = random_model().train()
+    batch = alphabet.batch_encode(real_sequences(2, 40))
+    labels = torch.full(batch["input_ids"].shape, -100)
     labels[0, 1], labels[1, 3] = 7, 12
-    loss = mlm_loss(logits, labels)
-    manual = (
-        -(F.log_softmax(logits[0, 1], -1)[7] + F.log_softmax(logits[1, 3], -1)[12]).detach() / 2
-    )
-    assert torch.allclose(loss.detach(), manual)
-    empty = mlm_loss(logits, torch.full((2, 5), -100))
-    assert empty.item() == 0.0
-    empty.backward()
-    assert logits.grad is not None and bool((logits.grad == 0).all())
+    out = model(**batch, labels=labels)
+    logits = out["logits"]
+    manual = -(F.log_softmax(logits[0, 1].float(), -1)[7]
+               + F.log_softmax(logits[1, 3].float(), -1)[12]) / 2
+    assert torch.allclose(out["loss"], manual)
+    assert int(out["scored"]) == 2 and torch.allclose(out["nll"], 2 * manual)
+    model.zero_grad()
+    empty = model(**batch, labels=torch.full(labels.shape, -100))
+    assert empty["loss"].item() == 0.0 and int(empty["scored"]) == 0
+    (empty["loss"] + 0.0 * empty["logits"].sum()).backward()
+    assert all(p.grad is None or bool((p.grad == 0).all()) for p in model.parameters())
 
 
 def counting(forward, calls: list[bool], tag: bool):
@@ -349,7 +353,7 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         model = random_model(activation_checkpointing=switch).train()
         block = model.layers[0]
         block.forward = counting(block.forward, calls, switch)
-        loss = mlm_loss(model(ids, seq_ids=seq_ids)["logits"], labels)
+        loss = model(ids, seq_ids=seq_ids, labels=labels)["loss"]
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
@@ -436,5 +440,5 @@ def test_te_backend_matches_torch_backend_on_gpu() -> None:
     # Gradients flow through the TE blocks.
     te_model.train()
     labels = torch.where(ids == alphabet.MASK, 5, -100)
-    mlm_loss(te_model(ids, seq_ids=seq_ids)["logits"], labels).backward()
+    te_model(ids, seq_ids=seq_ids, labels=labels)["loss"].backward()
     assert te_model.layers[0].qkv.weight.grad is not None

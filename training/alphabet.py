@@ -25,6 +25,8 @@ CLS, PAD, EOS, UNK = 0, 1, 2, 3
 NULL_1, MASK = 31, 32
 VOCAB_SIZE = len(TOKENS)
 SPECIAL_IDS = frozenset({CLS, PAD, EOS, UNK, NULL_1, MASK})
+#: The label of a token the MLM loss does not score (PyTorch's and HF's convention).
+IGNORE_INDEX = -100
 #: Ids of the 20 standard amino acids (what the MLM "random residue" replacement draws from).
 STANDARD_AA = "LAGVSERTIDPKQNFYMHWC"
 STANDARD_AA_IDS: tuple[int, ...] = tuple(TOKENS.index(a) for a in STANDARD_AA)

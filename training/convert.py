@@ -33,8 +33,9 @@ from training.checkpoint import (
     validate_state_dict,
 )
 from training.errors import UserError
-from training.model import ESM2, RotaryEmbedding
+from training.model import ESM2
 from training.model_config import MAX_POSITIONS, ConfigError, ModelConfig
+from training.rotary import RotaryEmbedding
 
 
 class ConversionError(UserError, ValueError):

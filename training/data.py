@@ -27,11 +27,20 @@ from pipeline.errors import PipelineError
 from pipeline.ids import cluster_hash
 from pipeline.settings import Section
 from pipeline.shards import ClusterSample, ShardReader, SplitIndex
-from training.alphabet import CLS, EOS, MASK, PAD, SPECIAL_IDS, STANDARD_AA_IDS, VOCAB_SIZE, encode
+from training.alphabet import (
+    CLS,
+    EOS,
+    IGNORE_INDEX,
+    MASK,
+    PAD,
+    SPECIAL_IDS,
+    STANDARD_AA_IDS,
+    VOCAB_SIZE,
+    encode,
+)
 from training.model_config import MAX_RESIDUES
 from training.sampler import GlobalBatch, Position, assign, global_batches, member_draws
 
-IGNORE_INDEX = -100
 _SPECIAL = np.zeros(VOCAB_SIZE, dtype=bool)
 _SPECIAL[sorted(SPECIAL_IDS)] = True
 _RANDOM_RESIDUES = np.asarray(STANDARD_AA_IDS, dtype=np.int64)

@@ -15,7 +15,6 @@ import torch.distributed as dist
 from pipeline.shards import iter_clusters
 from training.data import (
     EVAL_SEED,
-    IGNORE_INDEX,
     DataConfig,
     Example,
     batch_by_tokens,
@@ -59,22 +58,14 @@ def evaluation_batches(shards: Sequence[Path], cfg: TrainConfig) -> list[dict[st
     return validation_batches(examples, cfg.data.tokens_per_batch, cfg.data.packed)
 
 
-def _batch_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    flat = labels.reshape(-1)
-    keep = flat != IGNORE_INDEX
-    loss = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1])[keep].float(), flat[keep], reduction="sum"
-    )
-    return float(loss), int(keep.sum())
-
-
 @torch.no_grad()
 def perplexity(
-    forward: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+    forward: Callable[[dict[str, torch.Tensor]], dict],
     batches: Sequence[dict[str, torch.Tensor]],
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """Perplexity of ``forward`` (batch → logits) on ``batches``; ranks share the work.
+    """Perplexity of ``forward`` (batch → the model's output with its ``nll`` and ``scored``,
+    :func:`model_forward`) on ``batches``; ranks share the work.
 
     Under torch.distributed every rank runs the same number of forwards (ZeRO-3 gathers
     parameters collectively): rank r takes batches r, r + world, …, and ranks that run out repeat
@@ -87,10 +78,9 @@ def perplexity(
     for i in range(rounds):
         batch = mine[i] if i < len(mine) else batches[0]
         moved = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        logits = forward(moved)
+        out = forward(moved)
         if i < len(mine):
-            part_nll, part_count = _batch_nll(logits, moved["labels"])
-            nll, count = nll + part_nll, count + part_count
+            nll, count = nll + float(out["nll"]), count + int(out["scored"])
     totals = torch.tensor([nll, float(count)], dtype=torch.float64)
     if world > 1:
         dist.all_reduce(totals)
@@ -103,15 +93,16 @@ def perplexity(
     }
 
 
-def model_forward(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """Batch dict → logits for our ESM2 (padded or packed batches)."""
+def model_forward(model: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], dict]:
+    """Batch dict → our ESM2's output with its loss (padded or packed batches)."""
 
-    def run(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def run(batch: dict[str, torch.Tensor]) -> dict:
         return model(
             batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             seq_ids=batch.get("seq_ids"),
-        )["logits"]
+            labels=batch["labels"],
+        )
 
     return run
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from training.alphabet import MASK, PAD
+from training.alphabet import IGNORE_INDEX, MASK, PAD
 from training.layout import TokenLayout, build_layout
 from training.model_config import PRESETS, ConfigError, ModelConfig
+from training.rotary import RotaryEmbedding, RotaryTables, apply_rotary
 from training.te_backend import TEBlock, fp8_autocast, fp8_padding
 
 __all__ = [
@@ -48,72 +48,12 @@ __all__ = [
     "ModelConfig",
     "build_model",
     "count_parameters",
-    "mlm_loss",
 ]
 
 #: Masking rate of all ESM training runs (15% selected x 80% replaced by <mask>).
 MASK_RATIO_TRAIN = 0.15 * 0.8
 #: Name of the tied decoder weight, left out of ``state_dict()`` (it is ``embed_tokens.weight``).
 TIED_KEY = "lm_head.decoder.weight"
-
-
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding (ESM-2 / HF ``EsmRotaryEmbedding``); ``inv_freq`` stays fp32."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
-        self.register_buffer("inv_freq", self._default_inv_freq(), persistent=True)
-
-    def _default_inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
-        steps = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device)
-        return 1.0 / (self.theta ** (steps / self.head_dim))
-
-    def reset_parameters(self) -> None:
-        """Recompute ``inv_freq`` (e.g. after meta-device construction)."""
-        self.inv_freq = self._default_inv_freq(self.inv_freq.device)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> RotaryEmbedding:
-        # Keep the frequencies in float32 when the model is cast (model.half(), .to(bf16)).
-        inv = self.inv_freq
-        super()._apply(fn, recurse)
-        if self.inv_freq.dtype != torch.float32:
-            self.inv_freq = inv.to(device=self.inv_freq.device, dtype=torch.float32)
-        return self
-
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)``, each ``[t, head_dim]`` float32, for token positions ``[t]``."""
-        freqs = positions[:, None].float() * self.inv_freq[None, :].float()
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-    def tables(self, positions: torch.Tensor, query_scale: float) -> RotaryTables:
-        """Rotary tables for token positions ``[t]``, in the form ``apply_rotary`` takes; the
-        query tables carry ESM's ``head_dim**-0.5`` query scaling."""
-        cos, sin = self(positions)
-        half = self.head_dim // 2
-        signed_sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        cos, signed_sin = cos[:, None, :], signed_sin[:, None, :]
-        return RotaryTables(cos * query_scale, signed_sin * query_scale, cos, signed_sin)
-
-
-@dataclass
-class RotaryTables:
-    """``cos`` and sign-folded ``sin`` (``[t, 1, head_dim]`` float32) for queries and keys."""
-
-    cos_q: torch.Tensor
-    sin_q: torch.Tensor
-    cos_k: torch.Tensor
-    sin_k: torch.Tensor
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """``x*cos + rotate_half(x)*sin`` for ``x`` ``[t, heads, head_dim]``, computed in float32 (as
-    HF does). ``rotate_half(x) = cat(-x2, x1)``; the minus sign is folded into ``signed_sin``."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((x2, x1), dim=-1) * signed_sin).to(x.dtype)
 
 
 def attention(
@@ -327,20 +267,29 @@ class ESM2(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> dict[str, Any]:
         """``{"logits": [B, T, 33] (zeros at padding), "hidden_states": tuple | None}``.
 
         ``attention_mask`` marks real tokens of a right-padded batch; ``seq_ids`` marks the
         sequences of a packed batch (-1 = padding). ``hidden_states`` (when asked for) holds
-        ``num_layers + 1`` tensors ``[B, T, H]``, numbered as in ``run``.
+        ``num_layers + 1`` tensors ``[B, T, H]``, numbered as in ``run``. With ``labels``
+        (``[B, T]``, ``-100`` where not scored) the MLM loss comes with the logits, as HF's
+        ``EsmForMaskedLM`` gives it: ``loss`` (mean cross-entropy over the scored positions, 0
+        when there are none), ``nll`` (their float32 sum) and ``scored`` (their count), the sum
+        and count being what a trainer normalises over all ranks.
         """
         layout = self.layout(input_ids, attention_mask, seq_ids)
         keep = range(len(self.layers) + 1) if output_hidden_states else range(0)
         final, kept = self.run(input_ids, layout, keep)
         logits = layout.scatter(self.lm_head(final))
         hidden = tuple(layout.scatter(kept[i]) for i in keep) if output_hidden_states else None
-        return {"logits": logits, "hidden_states": hidden}
+        out = {"logits": logits, "hidden_states": hidden}
+        if labels is not None:
+            nll, scored = _masked_nll(logits, labels)
+            out.update(loss=nll / scored.clamp(min=1), nll=nll, scored=scored)
+        return out
 
     def hidden_states(
         self,
@@ -385,21 +334,13 @@ def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> E
         return ESM2(cfg)
 
 
-def mlm_nll(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Summed cross-entropy (float32) over positions whose label is not ``ignore_index``
-    (0 when there are none)."""
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(flat_logits, labels.reshape(-1), ignore_index=ignore_index,
-                           reduction="sum")
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean cross-entropy (float32) over positions whose label is not ``ignore_index``.
-
-    0 when there are none (no NaN, no host sync).
-    """
-    masked = (labels.reshape(-1) != ignore_index).sum().clamp(min=1)
-    return mlm_nll(logits, labels, ignore_index) / masked
+def _masked_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed float32 cross-entropy over the positions whose label is not ``IGNORE_INDEX`` (0
+    when there are none, no host sync) and the number of those positions."""
+    flat = labels.reshape(-1)
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat,
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll, (flat != IGNORE_INDEX).sum()
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -28,6 +28,7 @@ from torch import nn
 from training.errors import UserError
 from training.layout import TokenLayout
 from training.model_config import ModelConfig
+from training.rotary import RotaryTables, apply_rotary
 
 #: Block-relative names: ours -> TransformerEngine's (the rest are the same in both).
 OURS_TO_TE = {
@@ -117,10 +118,8 @@ class TEBlock(nn.Module):
         self.register_load_state_dict_pre_hook(_load_pre_hook)
         self.register_load_state_dict_post_hook(_load_post_hook)
 
-    def forward(self, x: torch.Tensor, rope: Any, layout: TokenLayout) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RotaryTables, layout: TokenLayout) -> torch.Tensor:
         """``x``: ``[t, hidden]`` real tokens (an unbucketed layout) -> same."""
-        from training.model import apply_rotary
-
         tokens = x.shape[0]
         qkv = self.qkv(x).view(tokens, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(1)

@@ -29,12 +29,13 @@ import torch
 import torch.distributed as dist
 
 from pipeline.shards import SplitIndex
+from training.alphabet import IGNORE_INDEX
 from training.build_source import BuildSource
 from training.config import OptimSection, TrainConfig
-from training.data import IGNORE_INDEX, make_loader
+from training.data import make_loader
 from training.errors import RankError, StoppedByPeer, UserError
 from training.evaluate import evaluation_batches, model_forward, perplexity
-from training.model import build_model, mlm_nll
+from training.model import build_model
 from training.run_dir import RunDir
 from training.sampler import Position
 
@@ -259,13 +260,8 @@ class Trainer:
     def _nll(self, batch: dict[str, Any]) -> torch.Tensor:
         """Summed cross-entropy over the micro-batch's masked positions."""
         moved = {k: v.to(self.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        logits = self.engine(
-            moved["input_ids"],
-            attention_mask=moved.get("attention_mask"),
-            seq_ids=moved.get("seq_ids"),
-        )["logits"]
-        nll = mlm_nll(logits, moved["labels"], IGNORE_INDEX)
-        return nll + 0.0 * logits.sum()  # a graph even when no position is masked
+        out = model_forward(self.engine)(moved)
+        return out["nll"] + 0.0 * out["logits"].sum()  # a graph even when no position is masked
 
     def evaluate(self) -> dict[str, float] | None:
         shard = self.source.validation_shard()
