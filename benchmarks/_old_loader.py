@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline.shards import iter_clusters
+from pipeline.shard_reader import iter_clusters
 from training.data import DataConfig, Example, batch_by_tokens, collate, make_example
 
 

@@ -45,7 +45,7 @@ EMBED_VARIANTS = ("hf-embed", "ours-embed", "ours-embed-zarr")
 def load_sequences(path: Path | None) -> tuple[list[str], str]:
     """Real sequences and a description of where they came from."""
     sys.path.insert(0, str(REPO))
-    from pipeline.ingest import read_sequences
+    from pipeline.records import read_sequences
     from training.reference_sequences import REFERENCE_SEQUENCES
 
     if path is not None and path.is_file():

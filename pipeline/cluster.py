@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
-from pipeline.config import ClusterConfig, ClusterStage
+from pipeline.config import BuildConfig, ClusterConfig, ClusterStage
 from pipeline.errors import PipelineError
 from pipeline.ids import uniref_id
 from pipeline.mmseqs import MMseqs
@@ -214,3 +214,8 @@ def _check_complete(pairs: pl.DataFrame, expected: int, label: str) -> None:
         raise PipelineError(
             f"{label} clustering returned {pairs.height} assignments for {expected} sequences"
         )
+
+
+def run(cfg: BuildConfig) -> dict:
+    """The cluster stage of a build."""
+    return cluster(cfg.out_dir, cfg.cluster, cfg.threads)

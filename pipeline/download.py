@@ -215,7 +215,7 @@ def _expected_digests(cfg: BuildConfig, published: dict[str, dict[str, str]]) ->
     return out
 
 
-def run_download(cfg: BuildConfig) -> dict:
+def run(cfg: BuildConfig) -> dict:
     """Download every input of a build into ``<out>/raw`` and write ``raw/download.json``."""
     policy = RetryPolicy(
         cfg.download.retries, cfg.download.backoff_s, cfg.download.timeout_s,
@@ -240,5 +240,6 @@ def run_download(cfg: BuildConfig) -> dict:
         results.append({**res.record(), "path": item.file_name, "verified_with": sorted(
             k for k, v in expected.items() if v)})
     record = {"release": release, "release_files": meta_files, "inputs": results}
-    write_text_atomic(raw / "download.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(cfg.out.download_record,
+                      json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record

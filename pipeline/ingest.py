@@ -1,8 +1,8 @@
-"""FASTA → Parquet ingest: validation, header parsing, exact-duplicate collapse, statistics.
+"""FASTA → Parquet ingest: exact-duplicate collapse and statistics of validated records.
 
-Records stream through in chunks. Each chunk is validated and written to on-disk partitions
-(by sequence hash, and by accession for the duplicate-accession check), so that the final
-collapse works one partition at a time: peak memory is set by ``chunk_bytes`` and
+Records stream through in chunks. Each chunk is validated (:mod:`pipeline.records`) and written
+to on-disk partitions (by sequence hash, and by accession for the duplicate-accession check), so
+that the final collapse works one partition at a time: peak memory is set by ``chunk_bytes`` and
 ``bucket_bytes``, never by the size of the input. Outputs, sorted by ``seq_hash``:
 
 * ``sequences.parquet``: one row per distinct sequence (its representative record);
@@ -26,23 +26,13 @@ import pyarrow as pa
 
 from pipeline.atomic import atomic_dir, atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
+from pipeline.config import BuildConfig
 from pipeline.errors import InputFormatError
-from pipeline.fasta import (
-    GZIP_MAGIC,
-    RawRecords,
-    gather_strings,
-    iter_raw_records,
-    parse_header_bytes,
-)
+from pipeline.fasta import GZIP_MAGIC, iter_raw_records
 from pipeline.partition import BucketWriter, ParquetSink
 from pipeline.progress import format_sizeof, progress_bar
+from pipeline.records import RESIDUES, Rejector, chunk_frame, clean
 
-try:  # CPython's own md5: the same digests as hashlib's, at a third of the per-call cost
-    from _md5 import md5 as _md5
-except ImportError:  # pragma: no cover
-    from hashlib import md5 as _md5
-
-RESIDUES = b"LAGVSERTIDPKQNFYMHWCXBUZO"  # 20 canonical + X B U Z O, as in the ESM alphabet
 LENGTH_EDGES = [0, 50, 100, 200, 300, 400, 500, 750, 1022, 1500, 2000, 5000, 10000, 35000]
 SEQUENCE_COLUMNS = [
     "accession", "db", "description", "taxid", "length", "sequence", "seq_hash", "n_records",
@@ -84,133 +74,6 @@ class IngestStats:
         self.max_length = max(self.max_length, hi)
         idx = np.searchsorted(LENGTH_EDGES, lengths, side="right") - 1
         self.length_counts += np.bincount(idx, minlength=len(LENGTH_EDGES))
-
-
-class _Rejector:
-    """Applies the on_error policy: raise a one-line error, or count and skip."""
-
-    def __init__(self, path: Path, on_error: str, stats: IngestStats) -> None:
-        self.path, self.on_error, self.stats = path, on_error, stats
-
-    def __call__(self, reason: str, header: bytes, line: int, detail: str) -> None:
-        name = header.split(maxsplit=1)[0].decode("utf-8", "replace") if header.strip() else ""
-        parts = name.split("|")
-        acc = parts[1] if len(parts) >= 3 else name
-        record = f"record {acc}" if acc else "record with an empty header"
-        message = f"{self.path}: {record} (line {line}): {detail}"
-        if self.on_error == "fail":
-            raise InputFormatError(message)
-        self.stats.reject(reason, message)
-
-
-_VALID = np.zeros(256, bool)
-_VALID[list(RESIDUES)] = True
-_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
-
-
-@dataclass
-class _Clean:
-    """The accepted records of a chunk: index into the chunk, upper-cased sequences."""
-
-    index: np.ndarray
-    residues: np.ndarray
-    offsets: np.ndarray
-
-
-def _clean(raw: RawRecords, rejector: _Rejector) -> _Clean:
-    """Upper-case, drop a terminal '*', validate residues; returns the accepted records."""
-    res, off = raw.residues, raw.offsets
-    n = len(raw)
-    lengths = np.diff(off)
-    last = off[1:] - 1
-    star = (lengths > 0) & (res[np.maximum(last, 0)] == 42) if len(res) else lengths > 0
-    if star.any():
-        keep = np.ones(len(res), bool)
-        keep[last[star]] = False
-        res = res[keep]
-        lengths = lengths - star
-        off = np.zeros(n + 1, np.int64)
-        np.cumsum(lengths, out=off[1:])
-    if len(res) and res.max() >= ord("a"):
-        res = np.frombuffer(res.tobytes().upper(), np.uint8)
-    # reasons, in the order they are checked: 1 empty header, 2 empty sequence, 3 bad residue
-    reason = np.zeros(n, np.int8)
-    first_bad = np.full(n, -1, np.int64)
-    if len(res) and (res.min() < ord("A") or res.max() > ord("Z") or (res == ord("J")).any()):
-        bad = np.flatnonzero(~_VALID[res])
-        rec = np.searchsorted(off, bad, side="right") - 1
-        first = np.r_[True, rec[1:] != rec[:-1]]
-        first_bad[rec[first]] = bad[first]
-        reason[rec] = 3
-    reason[lengths == 0] = 2
-    empty_header = raw.header_end == raw.header_start
-    if raw.odd_bytes:  # a header of only b"\x0b\x0c"-style whitespace is empty too
-        empty_header |= np.array([not raw.header(i).strip() for i in range(n)], bool)
-    reason[empty_header] = 1
-    rejected = np.flatnonzero(reason)
-    for i in rejected.tolist():
-        header, line = raw.header(i), int(raw.lines[i])
-        if reason[i] == 1:
-            rejector("empty_header", header, line, "empty header line")
-        elif reason[i] == 2:
-            rejector("empty_sequence", header, line, "empty sequence")
-        else:
-            shown = chr(res[first_bad[i]])  # latin-1
-            pos = int(first_bad[i] - off[i]) + 1
-            rejector("invalid_residue", header, line,
-                     f"invalid residue {shown!r} at position {pos}")
-    return _Clean(np.flatnonzero(reason == 0), res, off)
-
-
-def read_sequences(
-    path: str | Path, chunk_bytes: int = 4 << 20
-) -> Iterator[tuple[str, str]]:
-    """Yield ``(id, sequence)`` per record of a FASTA file, cleaned and checked as ingest does.
-
-    ``id`` is the header's first word; sequences are upper-cased with a terminal ``*`` dropped.
-    The first bad record raises :class:`InputFormatError` naming the file, record and line.
-    """
-    path = Path(path)
-    rejector = _Rejector(path, "fail", IngestStats())
-    for raw in iter_raw_records(path, chunk_bytes):
-        clean = _clean(raw, rejector)
-        residues, offsets = clean.residues.tobytes(), clean.offsets.tolist()
-        for i in clean.index.tolist():
-            record_id = raw.header(i).split(maxsplit=1)[0].decode("utf-8", "replace")
-            yield record_id, residues[offsets[i] : offsets[i + 1]].decode("ascii")
-
-
-def _md5_hex(residues: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Array:
-    """md5 hex digests of each ``residues[start[i]:end[i]]``, as a LargeString array."""
-    view = memoryview(residues)
-    spans = zip(start.tolist(), end.tolist(), strict=True)
-    digests = b"".join([_md5(view[a:b]).digest() for a, b in spans])
-    nibbles = np.frombuffer(digests, np.uint8)
-    hexed = np.column_stack([_HEX[nibbles >> 4], _HEX[nibbles & 15]]).ravel()
-    offsets = np.arange(0, 32 * len(start) + 1, 32, dtype=np.int64)
-    return pa.LargeStringArray.from_buffers(
-        len(start), pa.py_buffer(offsets), pa.py_buffer(hexed)
-    )
-
-
-def _chunk_frame(raw: RawRecords, clean: _Clean, source: int, rejector: _Rejector) -> pl.DataFrame:
-    idx = clean.index
-    parsed = parse_header_bytes(raw.data, raw.header_start[idx], raw.header_end[idx])
-    empty = parsed.get_column("accession").str.len_bytes() == 0
-    if empty.any():
-        for i in idx[np.flatnonzero(empty.to_numpy())].tolist():
-            rejector("empty_header", raw.header(i), int(raw.lines[i]), "header has no identifier")
-        keep = ~empty
-        parsed = parsed.filter(keep)
-        idx = idx[keep.to_numpy()]
-    start, end = clean.offsets[idx], clean.offsets[idx + 1]
-    return parsed.with_columns(
-        pl.Series("length", end - start, dtype=pl.Int64),
-        pl.Series("sequence", gather_strings(clean.residues, start, end)),
-        pl.Series("seq_hash", _md5_hex(clean.residues, start, end)),
-        pl.lit(source, dtype=pl.Int32).alias("source"),
-        pl.Series("line", raw.lines[idx], dtype=pl.Int64),
-    )
 
 
 def plan_buckets(paths: Sequence[Path], bucket_bytes: int) -> int:
@@ -320,13 +183,13 @@ def _read_input(
     path: Path, source: int, on_error: str, chunk_bytes: int, stats: IngestStats
 ) -> Iterator[pl.DataFrame]:
     """The accepted records of one input, chunk by chunk; counts it in ``stats.inputs``."""
-    rejector = _Rejector(path, on_error, stats)
+    rejector = Rejector(path, on_error, stats.reject)
     counts = {"file": path.name, "records": 0, "residues": 0}
     with progress_bar(desc=f"ingest {path.name}", unit=" seq", unit_scale=True) as bar:
         for raw in iter_raw_records(path, chunk_bytes):
             counts["records"] += len(raw)
             counts["residues"] += int(raw.offsets[-1])
-            yield _chunk_frame(raw, _clean(raw, rejector), source, rejector)
+            yield chunk_frame(raw, clean(raw, rejector), source, rejector)
             bar.update(len(raw))
             bar.set_postfix_str(f"{format_sizeof(counts['residues'], divisor=1024)} residues")
     stats.inputs.append(counts)
@@ -382,10 +245,9 @@ def ingest_part(
     inputs: Sequence[str | Path], index: int, part_dir: str | Path, *, on_error: str = "fail",
     chunk_bytes: int = 16 << 20, bucket_bytes: int = 128 << 20,
 ) -> dict:
-    """Parse input ``index`` of ``inputs`` into ``part_dir`` (its partitions and ``part.json``),
-    one job per input file: :func:`merge_parts` then finishes the build's ingest exactly as
-    :func:`ingest` of all inputs would. The partitioning is planned over all inputs, so every
-    part's partition ``i`` meets the others' at the merge."""
+    """Parse input ``index`` into ``part_dir`` (partitions planned over all inputs, and
+    ``part.json``), one job per input: :func:`merge_parts` then finishes exactly as
+    :func:`ingest` of all inputs would."""
     sources = [Path(p) for p in inputs]
     if not 0 <= index < len(sources):
         raise InputFormatError(f"ingest part {index}: the build has {len(sources)} inputs")
@@ -519,3 +381,20 @@ def _report(stats: IngestStats, unique: int, unique_residues: int) -> dict:
         },
         "residue_counts": {c: int(stats.residue_counts[ord(c)]) for c in sorted(letters)},
     }
+
+
+def run(cfg: BuildConfig, part: int | None = None, merge: bool = False) -> dict:
+    """The ingest stage of a build: all inputs in one process; or one input (``part``), or the
+    merge of all parts, so that a build's inputs are parsed as parallel jobs (the Snakefile's
+    ``ingest_part`` rule)."""
+    opts = cfg.ingest
+    inputs = [cfg.raw_path(item) for item in cfg.inputs]
+    if part is not None:
+        return ingest_part(inputs, part, cfg.out.ingest_part(part), on_error=opts.on_error,
+                           chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes)
+    if merge:
+        parts = [cfg.out.ingest_part(i) for i in range(len(inputs))]
+        return merge_parts(inputs, parts, cfg.out_dir, on_error=opts.on_error,
+                           row_group_rows=opts.row_group_rows)
+    return ingest(inputs, cfg.out_dir, on_error=opts.on_error, chunk_bytes=opts.chunk_bytes,
+                  row_group_rows=opts.row_group_rows, bucket_bytes=opts.bucket_bytes)

@@ -18,7 +18,7 @@ import polars as pl
 from pipeline.atomic import scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
 from pipeline.cluster import write_indexed_fasta
-from pipeline.config import LeakageConfig
+from pipeline.config import BuildConfig, LeakageConfig
 from pipeline.errors import PipelineError
 from pipeline.ids import order_key
 from pipeline.mmseqs import MMseqs
@@ -122,3 +122,8 @@ def _report(queries: pl.DataFrame, best: pl.DataFrame, rows: pl.DataFrame,
         },
         "closest_pairs": worst.to_dicts(),
     }
+
+
+def run(cfg: BuildConfig) -> dict:
+    """The check-leakage stage of a build."""
+    return check_leakage(cfg.out_dir, cfg.leakage, cfg.seed, cfg.threads, cfg.cluster.mmseqs)

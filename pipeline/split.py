@@ -9,7 +9,7 @@ import polars as pl
 
 from pipeline.atomic import atomic_path, write_text_atomic
 from pipeline.build_dir import SPLITS, BuildDir
-from pipeline.config import SplitConfig
+from pipeline.config import BuildConfig, SplitConfig
 from pipeline.errors import PipelineError
 from pipeline.ids import uniform
 from pipeline.linking import link_clusters
@@ -144,3 +144,8 @@ def split(
     }
     write_text_atomic(out.stats("split"), json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def run(cfg: BuildConfig) -> dict:
+    """The split stage of a build."""
+    return split(cfg.out_dir, cfg.split, cfg.seed, cfg.threads, cfg.cluster.mmseqs)

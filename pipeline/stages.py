@@ -1,79 +1,23 @@
-"""The build's stages by name, each a call into its module with the config's settings."""
+"""The build's stages by name: each is the ``run(cfg) -> stats`` of its module."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from pipeline.config import BuildConfig
 
-
-def _download(cfg: BuildConfig) -> dict:
-    from pipeline.download import run_download
-
-    return run_download(cfg)
-
-
-def _ingest(cfg: BuildConfig, part: int | None = None, merge: bool = False) -> dict:
-    """All inputs in one process; or one input (``part``), or the merge of all parts, so that
-    a build's inputs are parsed as parallel jobs (the Snakefile's ``ingest_part`` rule)."""
-    from pipeline.ingest import ingest, ingest_part, merge_parts
-
-    opts = cfg.ingest
-    inputs = [cfg.raw_path(item) for item in cfg.inputs]
-    if part is not None:
-        return ingest_part(inputs, part, cfg.out.ingest_part(part), on_error=opts.on_error,
-                           chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes)
-    if merge:
-        parts = [cfg.out.ingest_part(i) for i in range(len(inputs))]
-        return merge_parts(inputs, parts, cfg.out_dir, on_error=opts.on_error,
-                           row_group_rows=opts.row_group_rows)
-    return ingest(
-        inputs, cfg.out_dir, on_error=opts.on_error,
-        chunk_bytes=opts.chunk_bytes, row_group_rows=opts.row_group_rows,
-        bucket_bytes=opts.bucket_bytes,
-    )
-
-
-def _cluster(cfg: BuildConfig) -> dict:
-    from pipeline.cluster import cluster
-
-    return cluster(cfg.out_dir, cfg.cluster, cfg.threads)
-
-
-def _split(cfg: BuildConfig) -> dict:
-    from pipeline.split import split
-
-    return split(cfg.out_dir, cfg.split, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
-
-
-def _leakage(cfg: BuildConfig) -> dict:
-    from pipeline.leakage import check_leakage
-
-    return check_leakage(cfg.out_dir, cfg.leakage, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
-
-
-def _shards(cfg: BuildConfig) -> dict:
-    from pipeline.shards import write_shards
-
-    return write_shards(cfg.out_dir, cfg.shards, cfg.seed)
-
-
-def _validation(cfg: BuildConfig) -> dict:
-    from pipeline.validation import write_validation
-
-    return write_validation(cfg.out_dir, cfg.validation, cfg.seed)
-
-
-STAGES: dict[str, Callable[..., dict]] = {
-    "download": _download,
-    "ingest": _ingest,
-    "cluster": _cluster,
-    "split": _split,
-    "check-leakage": _leakage,
-    "shards": _shards,
-    "validation": _validation,
+#: stage name (the ``esm2-data`` subcommand) -> the module whose ``run(cfg)`` it is
+STAGES: dict[str, str] = {
+    "download": "pipeline.download",
+    "ingest": "pipeline.ingest",
+    "cluster": "pipeline.cluster",
+    "split": "pipeline.split",
+    "check-leakage": "pipeline.leakage",
+    "shards": "pipeline.shards",
+    "validation": "pipeline.validation",
 }
 
 
@@ -82,8 +26,9 @@ def run_stage(name: str, cfg: BuildConfig, lock: str | None = None, **options: o
     name where parts of one stage run side by side); ``options`` go to the stage."""
     from pipeline.atomic import stage_lock
 
+    stage = importlib.import_module(STAGES[name])  # imported on use: a quick CLI start
     with stage_lock(cfg.out_dir, lock or name), mmseqs_runner(cfg.cluster.runner):
-        return STAGES[name](cfg, **options)
+        return stage.run(cfg, **options)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import polars as pl
 
 from pipeline.atomic import atomic_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
-from pipeline.config import ValidationConfig
+from pipeline.config import BuildConfig, ValidationConfig
 from pipeline.errors import PipelineError
 from pipeline.ids import UNIREF90, accession_of, order_key
 from pipeline.shards import ARRAYS, ClusterSample, ShardWriter
@@ -95,3 +95,8 @@ def write_validation(out_dir: str | Path, cfg: ValidationConfig, seed: int) -> d
     }
     write_text_atomic(out.stats("validation"), json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def run(cfg: BuildConfig) -> dict:
+    """The validation stage of a build."""
+    return write_validation(cfg.out_dir, cfg.validation, cfg.seed)

@@ -1,14 +1,11 @@
-"""Helpers that run build stages into a temporary directory for tests."""
+"""Build configs for tests and running a build's stages into a temporary directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.cluster import cluster
 from pipeline.config import BuildConfig, parse_config
-from pipeline.ingest import ingest
-from pipeline.leakage import check_leakage
-from pipeline.split import split
+from pipeline.stages import run_stage
 
 
 def build_config(out: Path, inputs: list[Path], **sections: object) -> BuildConfig:
@@ -22,12 +19,15 @@ def build_config(out: Path, inputs: list[Path], **sections: object) -> BuildConf
     return parse_config(data)
 
 
-def run_through_split(cfg: BuildConfig, inputs: list[Path]) -> None:
-    """ingest → cluster → split into ``cfg.out_dir``."""
-    ingest(inputs, cfg.out_dir)
-    cluster(cfg.out_dir, cfg.cluster, cfg.threads)
-    split(cfg.out_dir, cfg.split, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
+def run_stages(cfg: BuildConfig, *stages: str) -> list[dict]:
+    """Run the named stages of ``cfg``'s build in order (as ``esm2-data <stage>`` does)."""
+    return [run_stage(stage, cfg) for stage in stages]
+
+
+def run_through_split(cfg: BuildConfig) -> None:
+    """download → ingest → cluster → split into ``cfg.out_dir``."""
+    run_stages(cfg, "download", "ingest", "cluster", "split")
 
 
 def run_leakage(cfg: BuildConfig) -> dict:
-    return check_leakage(cfg.out_dir, cfg.leakage, cfg.seed, cfg.threads, cfg.cluster.mmseqs)
+    return run_stage("check-leakage", cfg)

@@ -31,7 +31,7 @@ def real_records(
     """Real (id, sequence) records of at least ``min_len`` residues, cropped to ``max_len``:
     from ../shared/data/NAME when present, else from the built-in reference set. Records are
     chosen by length, never by position, so a test sees the same shapes either way."""
-    from pipeline.ingest import read_sequences
+    from pipeline.records import read_sequences
     from training.reference_sequences import REFERENCE_SEQUENCES
 
     path = SHARED_DATA / name

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.ingest import read_sequences
+from pipeline.records import read_sequences
 from tests.helpers import real_sequences, shared_file
 from training import alphabet
 

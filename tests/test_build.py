@@ -16,12 +16,12 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import ShardsConfig
+from pipeline.shard_reader import iter_clusters
 from pipeline.shards import (
     FIELD,
     SPLITS,
     decode_key,
     encode_key,
-    iter_clusters,
     read_index,
     shard_paths,
     write_shards,

@@ -41,7 +41,7 @@ def constructed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("constructed")
     fasta = write_fasta(tmp / "fam.fa", "".join(f">{a} family\n{s}\n" for a, s in records))
     cfg = build_config(tmp / "build", [fasta])
-    run_through_split(cfg, [fasta])
+    run_through_split(cfg)
     return cfg, pl.read_parquet(tmp / "build" / "clusters.parquet")
 
 
@@ -110,7 +110,7 @@ def test_real_families_cluster_purely_and_do_not_leak(tmp_path) -> None:
     query = shared_file("mmseqs2_examples_query.fasta.gz")
     families = pl.read_csv(shared_file("openfold_msa_hits_families.tsv"), separator="\t")
     cfg = build_config(tmp_path / "b", [hits, query])
-    run_through_split(cfg, [hits, query])
+    run_through_split(cfg)
     clusters = pl.read_parquet(tmp_path / "b" / "clusters.parquet")
     fam = families.filter(pl.col("source_db") == "uniprot").select(
         pl.col("seq_id").str.split("|").list.get(1).alias("accession"), "family"
@@ -149,7 +149,7 @@ def test_two_runs_are_byte_identical(constructed, tmp_path, threads: int) -> Non
     cfg, _ = constructed
     src = cfg.inputs[0].url
     again = build_config(tmp_path / "again", [src], threads=threads)
-    run_through_split(again, [src])
+    run_through_split(again)
     for name in ("sequences.parquet", "records.parquet", "clusters.parquet", "splits.parquet"):
         ours = (tmp_path / "again" / name).read_bytes()
         assert ours == (Path(cfg.out_dir) / name).read_bytes(), name
@@ -166,7 +166,7 @@ def test_a_clean_split_is_a_result(tmp_path) -> None:
     fasta = write_fasta(tmp_path / "random.fasta", text)
     cfg = build_config(tmp_path / "out", [fasta], split={"valid_fraction": 0.2,
                                                          "test_fraction": 0.2})
-    run_through_split(cfg, [fasta])
+    run_through_split(cfg)
     report = run_leakage(cfg)
     assert report["queries"] > 0 and report["queries_with_hit"] == 0
     assert report["fraction_at_or_above_threshold"] == 0.0 and report["closest_pairs"] == []
@@ -218,7 +218,7 @@ def test_every_stage_handles_empty_intermediates(tmp_path: Path, fasta: str,
     import yaml
 
     from pipeline.cli import main
-    from pipeline.shards import SplitIndex
+    from pipeline.shard_reader import SplitIndex
 
     inp = write_fasta(tmp_path / "one.fa", fasta)
     out = tmp_path / "build"

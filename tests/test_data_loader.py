@@ -9,7 +9,8 @@ import pytest
 from scipy.stats import chisquare
 
 from pipeline.errors import PipelineError
-from pipeline.shards import ClusterSample, ShardWriter, SplitIndex
+from pipeline.shard_reader import SplitIndex
+from pipeline.shards import ClusterSample, ShardWriter
 from training.alphabet import CLS, EOS, IGNORE_INDEX, MASK
 from training.data import DataConfig, make_example, make_loader
 from training.sampler import EpochOrder, Position, assign, global_batches
@@ -216,7 +217,8 @@ def test_a_damaged_shard_names_the_shard_and_the_sample(shards, tmp_path) -> Non
 
 
 def test_split_arrays_describe_the_shards(shards) -> None:
-    from pipeline.shards import iter_clusters, shard_paths
+    from pipeline.shard_reader import iter_clusters
+    from pipeline.shards import shard_paths
 
     index = SplitIndex(shards)
     samples = list(iter_clusters(shard_paths(shards)))
@@ -230,7 +232,8 @@ def test_split_arrays_describe_the_shards(shards) -> None:
 
 
 def test_members_are_drawn_uniformly(shards) -> None:
-    from pipeline.shards import iter_clusters, shard_paths
+    from pipeline.shard_reader import iter_clusters
+    from pipeline.shards import shard_paths
 
     sample = next(s for s in iter_clusters(shard_paths(shards)) if s.uniref90_count == 4)
     cfg = DataConfig(seed=5)

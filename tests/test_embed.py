@@ -12,7 +12,7 @@ import zarr
 from transformers import EsmConfig, EsmForMaskedLM
 
 from pipeline.errors import InputFormatError
-from pipeline.ingest import read_sequences
+from pipeline.records import read_sequences
 from tests.helpers import real_records, shared_file
 from training import alphabet
 from training.checkpoint import load_checkpoint

@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.fasta import _split, parse_header_bytes, parse_headers
+from pipeline.fasta import _split
+from pipeline.headers import parse_header_bytes, parse_headers
 
 _PIECES = [
     "sp|", "tr|", "|", "UniRef50_", "UniRef90_", "UniRef100_", "UniRef1000_", "P12345", "A0A0",

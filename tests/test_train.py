@@ -242,7 +242,8 @@ def one_shard_build(src: Path, dest: Path, clusters: int | None = None) -> Path:
     """A copy of a build whose train split is one shard (of its first ``clusters`` clusters)."""
     import itertools
 
-    from pipeline.shards import ShardWriter, iter_clusters, shard_paths
+    from pipeline.shard_reader import iter_clusters
+    from pipeline.shards import ShardWriter, shard_paths
 
     shutil.copytree(src / "validation", dest / "validation")
     writer = ShardWriter(dest / "shards" / "train", "train", max_bytes=1 << 40)

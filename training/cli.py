@@ -101,7 +101,7 @@ def _launch(args: argparse.Namespace, resume: str) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    from pipeline.shards import SplitIndex
+    from pipeline.shard_reader import SplitIndex
     from training.build_source import BuildSource
     from training.config import load_train_config
     from training.run_dir import RunDir

@@ -2,9 +2,8 @@
 
 ``import_hf`` reads an ``EsmForMaskedLM`` directory (``config.json`` plus ``model.safetensors``,
 ``pytorch_model.bin`` — loaded with ``weights_only=True`` — or a sharded ``*.index.json``) and
-writes our checkpoint. ``export_hf`` writes a directory that ``EsmForMaskedLM.from_pretrained``
-and ``EsmTokenizer.from_pretrained`` load offline. Neither needs ``transformers`` installed.
-Tensors are copied, never recomputed, so export -> import is bit-exact.
+writes our checkpoint; ``export_hf`` a directory that HF's ``from_pretrained`` loads offline.
+Neither needs ``transformers``; tensors are copied, never recomputed (round trips are exact).
 """
 
 from __future__ import annotations

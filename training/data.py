@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from pipeline.errors import PipelineError
 from pipeline.ids import cluster_hash
 from pipeline.settings import Section
-from pipeline.shards import ClusterSample, ShardReader, SplitIndex
+from pipeline.shard_reader import ShardReader, SplitIndex
+from pipeline.shards import ClusterSample
 from training.alphabet import (
     CLS,
     EOS,

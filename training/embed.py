@@ -35,7 +35,7 @@ import zarr
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_dir
-from pipeline.ingest import read_sequences
+from pipeline.records import read_sequences
 from training.alphabet import CLS, EOS, encode
 from training.errors import UserError
 from training.layout import pack_token_lists

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from pipeline.shards import iter_clusters
+from pipeline.shard_reader import iter_clusters
 from training.data import (
     EVAL_SEED,
     DataConfig,

@@ -3,7 +3,7 @@
 ```
 <run>/metrics.jsonl            one JSON line per optimiser step (rank 0)
 <run>/checkpoints/config.json  the run's training config and model config
-<run>/checkpoints/stepNNNNNNNN DeepSpeed's ZeRO partitions + our meta.json, written last
+<run>/checkpoints/stepNNNNNNNN DeepSpeed's ZeRO partitions, rng.pt, and our meta.json, written last
 <run>/checkpoints/latest       the tag of the newest *complete* checkpoint (written after meta.json)
 <run>/final/                   the gathered weights (our checkpoint format)
 <run>/evaluation.json          `esm2-train evaluate` on the run (Snakemake's train target)
@@ -25,6 +25,7 @@ from training.errors import UserError
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 FINAL = "final"
+RNG_STATE = "rng.pt"
 META = "meta.json"  # inside a step directory: written last, so its presence means complete
 _CONTENTS = (METRICS, CHECKPOINTS, FINAL, "evaluation.json", "tensorboard")
 
@@ -61,6 +62,10 @@ class RunDir:
 
     def step_dir(self, tag: str) -> Path:
         return self.checkpoints / tag
+
+    def rng_state(self, tag: str) -> Path:
+        """The CPU random state saved with a checkpoint (restored on resume)."""
+        return self.step_dir(tag) / RNG_STATE
 
     def is_complete(self, tag: str) -> bool:
         return (self.step_dir(tag) / META).is_file()

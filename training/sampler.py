@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from pipeline.shards import SplitIndex
+from pipeline.shard_reader import SplitIndex
 
 _MASK64 = (1 << 64) - 1
 

@@ -21,85 +21,24 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from pipeline.shards import SplitIndex
+from pipeline.shard_reader import SplitIndex
 from training.alphabet import IGNORE_INDEX
 from training.build_source import BuildSource
-from training.config import OptimSection, TrainConfig
+from training.config import TrainConfig
 from training.data import make_loader
+from training.engine_config import deepspeed_config, group_decays, lr_factor, param_groups
 from training.errors import RankError, StoppedByPeer, UserError
 from training.evaluate import evaluation_batches, model_forward, perplexity
 from training.model import build_model
 from training.run_dir import RunDir
 from training.sampler import Position
-
-
-def lr_factor(optim: OptimSection) -> Callable[[int], float]:
-    """ESM-2's schedule: linear warm-up to the peak, then linear decay to ``min_lr_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < optim.warmup_steps:
-            return (step + 1) / optim.warmup_steps
-        span = max(optim.decay_steps - optim.warmup_steps, 1)
-        done = min((step - optim.warmup_steps) / span, 1.0)
-        return 1.0 - (1.0 - optim.min_lr_ratio) * done
-
-    return factor
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = (
-            _merge(out[key], value)
-            if isinstance(value, dict) and isinstance(out.get(key), dict)
-            else value
-        )
-    return out
-
-
-def deepspeed_config(cfg: TrainConfig, bf16: bool, run: RunDir, universal: bool = False) -> dict:
-    """The DeepSpeed config generated from ours; ``cfg.deepspeed`` is merged in last.
-
-    Gradient accumulation is ours: a global batch is as many micro-batches per rank as its share
-    needs (the same on every rank), so DeepSpeed's counter is off
-    (``managed_gradient_accumulation: false``) and each ``engine.step()`` ends a global batch.
-    """
-    generated = {
-        "train_micro_batch_size_per_gpu": 1,  # one token-budget batch per micro-step
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.run.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.run.tensorboard:  # DeepSpeed's monitor: loss and lr curves under <out>/tensorboard
-        generated["tensorboard"] = {"enabled": True, "output_path": str(run.tensorboard),
-                                    "job_name": "train"}
-    if universal:
-        generated["checkpoint"] = {"load_universal": True}
-    return _merge(generated, cfg.deepspeed)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; not biases, norms or other vectors. Frozen parameters are left out."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def single_process_env() -> None:
@@ -222,7 +161,7 @@ class Trainer:
         self.step = int(meta["step"])
         self.position = Position.from_dict(meta["position"])
         self.scheduler.load_state_dict(meta["scheduler"])
-        state = torch.load(self.run_dir.step_dir(tag) / "rng.pt", weights_only=True)
+        state = torch.load(self.run_dir.rng_state(tag), weights_only=True)
         torch.set_rng_state(state)
 
     def _repair_universal_load(self) -> None:
@@ -230,7 +169,7 @@ class Trainer:
         group gets the first group's settings (here: the weight decay of matrices would reach
         norms and biases), and every group's Adam ``step`` is one shared tensor, so each
         optimiser step would count once per group (a wrong bias correction)."""
-        decays = [self.cfg.optim.weight_decay, 0.0]  # the order param_groups() builds
+        decays = group_decays(self.cfg.optim.weight_decay)
         for group, decay in zip(self.engine.optimizer.param_groups, decays, strict=True):
             group["weight_decay"] = decay
         zero = self.engine.optimizer
@@ -249,7 +188,7 @@ class Trainer:
             run.config.write_text(json.dumps(
                 {"train": self.cfg.model_dump(mode="json"), "model": self.model_config.to_dict(),
                  "data": str(self.source)}, indent=2))
-            torch.save(torch.get_rng_state(), run.step_dir(tag) / "rng.pt")
+            torch.save(torch.get_rng_state(), run.rng_state(tag))
             run.mark_complete(tag, {
                 "step": self.step, "position": self.position.to_dict(),
                 "world_size": self.world, "scheduler": self.scheduler.state_dict()})

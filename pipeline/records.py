@@ -1,0 +1,156 @@
+"""FASTA records → validated, hashed rows: residue checks, cleaning, header fields, md5.
+
+A chunk of raw records (:mod:`pipeline.fasta`) is cleaned (upper-cased, terminal ``*`` dropped)
+and checked (empty header or sequence, residues outside the ESM alphabet) for the whole chunk at
+once; each rejected record is one line naming the file, the record and its line, raised or
+counted by the ``on_error`` policy (:class:`Rejector`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+
+from pipeline.errors import InputFormatError
+from pipeline.fasta import RawRecords, iter_raw_records
+from pipeline.headers import gather_strings, parse_header_bytes
+
+try:  # CPython's own md5: the same digests as hashlib's, at a third of the per-call cost
+    from _md5 import md5 as _md5
+except ImportError:  # pragma: no cover
+    from hashlib import md5 as _md5
+
+RESIDUES = b"LAGVSERTIDPKQNFYMHWCXBUZO"  # 20 canonical + X B U Z O, as in the ESM alphabet
+
+
+class Rejector:
+    """Applies the on_error policy: raise a one-line error, or count and skip."""
+
+    def __init__(self, path: Path, on_error: str,
+                 count: Callable[[str, str], None] | None = None) -> None:
+        self.path, self.on_error, self.count = path, on_error, count
+
+    def __call__(self, reason: str, header: bytes, line: int, detail: str) -> None:
+        name = header.split(maxsplit=1)[0].decode("utf-8", "replace") if header.strip() else ""
+        parts = name.split("|")
+        acc = parts[1] if len(parts) >= 3 else name
+        record = f"record {acc}" if acc else "record with an empty header"
+        message = f"{self.path}: {record} (line {line}): {detail}"
+        if self.on_error == "fail" or self.count is None:
+            raise InputFormatError(message)
+        self.count(reason, message)
+
+
+_VALID = np.zeros(256, bool)
+_VALID[list(RESIDUES)] = True
+_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
+
+
+@dataclass
+class Clean:
+    """The accepted records of a chunk: index into the chunk, upper-cased sequences."""
+
+    index: np.ndarray
+    residues: np.ndarray
+    offsets: np.ndarray
+
+
+def clean(raw: RawRecords, rejector: Rejector) -> Clean:
+    """Upper-case, drop a terminal '*', validate residues; returns the accepted records."""
+    res, off = raw.residues, raw.offsets
+    n = len(raw)
+    lengths = np.diff(off)
+    last = off[1:] - 1
+    star = (lengths > 0) & (res[np.maximum(last, 0)] == 42) if len(res) else lengths > 0
+    if star.any():
+        keep = np.ones(len(res), bool)
+        keep[last[star]] = False
+        res = res[keep]
+        lengths = lengths - star
+        off = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=off[1:])
+    if len(res) and res.max() >= ord("a"):
+        res = np.frombuffer(res.tobytes().upper(), np.uint8)
+    # reasons, in the order they are checked: 1 empty header, 2 empty sequence, 3 bad residue
+    reason = np.zeros(n, np.int8)
+    first_bad = np.full(n, -1, np.int64)
+    if len(res) and (res.min() < ord("A") or res.max() > ord("Z") or (res == ord("J")).any()):
+        bad = np.flatnonzero(~_VALID[res])
+        rec = np.searchsorted(off, bad, side="right") - 1
+        first = np.r_[True, rec[1:] != rec[:-1]]
+        first_bad[rec[first]] = bad[first]
+        reason[rec] = 3
+    reason[lengths == 0] = 2
+    empty_header = raw.header_end == raw.header_start
+    if raw.odd_bytes:  # a header of only b"\x0b\x0c"-style whitespace is empty too
+        empty_header |= np.array([not raw.header(i).strip() for i in range(n)], bool)
+    reason[empty_header] = 1
+    rejected = np.flatnonzero(reason)
+    for i in rejected.tolist():
+        header, line = raw.header(i), int(raw.lines[i])
+        if reason[i] == 1:
+            rejector("empty_header", header, line, "empty header line")
+        elif reason[i] == 2:
+            rejector("empty_sequence", header, line, "empty sequence")
+        else:
+            shown = chr(res[first_bad[i]])  # latin-1
+            pos = int(first_bad[i] - off[i]) + 1
+            rejector("invalid_residue", header, line,
+                     f"invalid residue {shown!r} at position {pos}")
+    return Clean(np.flatnonzero(reason == 0), res, off)
+
+
+def read_sequences(
+    path: str | Path, chunk_bytes: int = 4 << 20
+) -> Iterator[tuple[str, str]]:
+    """Yield ``(id, sequence)`` per record of a FASTA file, cleaned and checked as ingest does.
+
+    ``id`` is the header's first word; sequences are upper-cased with a terminal ``*`` dropped.
+    The first bad record raises :class:`InputFormatError` naming the file, record and line.
+    """
+    path = Path(path)
+    rejector = Rejector(path, "fail")
+    for raw in iter_raw_records(path, chunk_bytes):
+        kept = clean(raw, rejector)
+        residues, offsets = kept.residues.tobytes(), kept.offsets.tolist()
+        for i in kept.index.tolist():
+            record_id = raw.header(i).split(maxsplit=1)[0].decode("utf-8", "replace")
+            yield record_id, residues[offsets[i] : offsets[i + 1]].decode("ascii")
+
+
+def md5_hex(residues: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Array:
+    """md5 hex digests of each ``residues[start[i]:end[i]]``, as a LargeString array."""
+    view = memoryview(residues)
+    spans = zip(start.tolist(), end.tolist(), strict=True)
+    digests = b"".join([_md5(view[a:b]).digest() for a, b in spans])
+    nibbles = np.frombuffer(digests, np.uint8)
+    hexed = np.column_stack([_HEX[nibbles >> 4], _HEX[nibbles & 15]]).ravel()
+    offsets = np.arange(0, 32 * len(start) + 1, 32, dtype=np.int64)
+    return pa.LargeStringArray.from_buffers(
+        len(start), pa.py_buffer(offsets), pa.py_buffer(hexed)
+    )
+
+
+def chunk_frame(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -> pl.DataFrame:
+    idx = clean.index
+    parsed = parse_header_bytes(raw.data, raw.header_start[idx], raw.header_end[idx])
+    empty = parsed.get_column("accession").str.len_bytes() == 0
+    if empty.any():
+        for i in idx[np.flatnonzero(empty.to_numpy())].tolist():
+            rejector("empty_header", raw.header(i), int(raw.lines[i]), "header has no identifier")
+        keep = ~empty
+        parsed = parsed.filter(keep)
+        idx = idx[keep.to_numpy()]
+    start, end = clean.offsets[idx], clean.offsets[idx + 1]
+    return parsed.with_columns(
+        pl.Series("length", end - start, dtype=pl.Int64),
+        pl.Series("sequence", gather_strings(clean.residues, start, end)),
+        pl.Series("seq_hash", md5_hex(clean.residues, start, end)),
+        pl.lit(source, dtype=pl.Int32).alias("source"),
+        pl.Series("line", raw.lines[idx], dtype=pl.Int64),
+    )
