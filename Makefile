@@ -6,7 +6,7 @@ CORES ?= 2
 
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bootstrap clean reference-manifest
+.PHONY: demo test test-fast lint bootstrap clean reference-manifest
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -16,6 +16,10 @@ demo: bootstrap
 
 test: bootstrap
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# the quick loop: no MMseqs2 build, no training ranks (under 90 s)
+test-fast: bootstrap
+	$(VENV)/bin/python -m pytest -q -m "not heavy" $(PYTEST_ARGS)
 
 # Refresh the committed reference manifest (data_manifests/sample.json) after a change that
 # alters the sample build's bytes; the demo itself writes its manifest to builds/sample.json.

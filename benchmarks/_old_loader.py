@@ -1,8 +1,8 @@
 """The loader this project had before sample-level dealing, kept as the benchmark's baseline.
 
 Whole shards are shuffled per epoch and dealt to ranks, then to DataLoader workers; each worker
-batches its own stream by token budget. (Replaced in training/data.py: a rank or worker without a
-shard starved, and resume needed the same world size and worker count.)
+batches its own stream by token budget. (Replaced in training/data/batches.py: a rank or
+worker without a shard starved, and resume needed the same world size and worker count.)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pipeline.shard_reader import iter_clusters
-from training.data import DataConfig, Example, batch_by_tokens, collate, make_example
+from training.data.batches import DataConfig, Example, batch_by_tokens, collate, make_example
 
 
 def shards_for(shards: Sequence[Path], seed: int, epoch: int, rank: int, world: int) -> list[Path]:

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/loader.py [--data builds/sample] [--seconds 20] [--workers 0 2]
 
-Runs the sample-level loader (``training.data.make_loader``: global batches planned from the
+Runs the sample-level loader (``training.data.batches.make_loader``: global batches planned from the
 split's arrays, samples read by index with wids, member draw, crop, masking, token-budget
 micro-batches, collation) and, in the same run, the shard-streaming loader it replaced
 (``benchmarks/_old_loader.py``) for a fixed time per setting; prints tokens/s overall and per
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks._old_loader import make_old_loader  # noqa: E402
 from pipeline.shards import shard_paths  # noqa: E402
-from training.data import DataConfig, make_loader  # noqa: E402
+from training.data.batches import DataConfig, make_loader  # noqa: E402
 
 
 def measure(batches: Iterable[dict], seconds: float) -> tuple[float, int]:

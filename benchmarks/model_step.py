@@ -46,11 +46,12 @@ def load_sequences(path: Path | None) -> tuple[list[str], str]:
     """Real sequences and a description of where they came from."""
     sys.path.insert(0, str(REPO))
     from pipeline.records import read_sequences
-    from training.reference_sequences import REFERENCE_SEQUENCES
+    from training.data.reference_sequences import REFERENCE_SEQUENCES
 
     if path is not None and path.is_file():
         return [seq for _, seq in read_sequences(path)], str(path)
-    return [seq for _, seq in REFERENCE_SEQUENCES], "training/reference_sequences.py (fallback)"
+    fallback = "training/data/reference_sequences.py (fallback)"
+    return [seq for _, seq in REFERENCE_SEQUENCES], fallback
 
 
 def make_training_batches(
@@ -91,8 +92,8 @@ def _build(preset: str, hf: bool):
     import torch
     import transformers  # noqa: F401  - imported by every variant, so library RSS is equal
 
-    from training.convert import config_to_hf
-    from training.model import ModelConfig, build_model
+    from training.model.convert import config_to_hf
+    from training.model.esm2 import ModelConfig, build_model
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(preset)
@@ -107,7 +108,7 @@ def run_train_worker(spec: dict) -> dict:
     import torch
 
     from training import alphabet
-    from training.layout import pack_token_lists
+    from training.model.layout import pack_token_lists
 
     torch.set_num_threads(spec["threads"])
     variant = spec["variant"]
@@ -159,7 +160,7 @@ def run_embed_worker(spec: dict) -> dict:
     import torch
 
     from training import alphabet
-    from training.layout import pack_token_lists
+    from training.model.layout import pack_token_lists
 
     torch.set_num_threads(spec["threads"])
     variant = spec["variant"]

@@ -4,11 +4,10 @@ Usage: python benchmarks/trainer.py [--data builds/sample] [--configs config/tra
        config/train/8M.yaml] [--steps 20] [--nproc 2]
 
 Runs `esm2-train train` under torchrun (DS_ACCELERATOR=cpu on a machine without GPUs) for a few
-steps per config and prints the median real tokens/s over all ranks, skipping the first 3 steps,
-and the model FLOPs/s that makes (training/flops.py; attention at the length-weighted mean of the
+steps per config and prints the median real tokens/s over all ranks, skipping the first 3 steps, and
+the model FLOPs/s that makes (training/model/flops.py; attention at the length-weighted mean of the
 build's sequence lengths, cropped as the loader crops). With --peak-tflops (the hardware's dense
-peak for the run's precision, all ranks together) it prints model FLOPs utilisation (MFU) too.
-"""
+peak for the run's precision, all ranks together) it prints model FLOPs utilisation (MFU) too."""
 
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ import polars as pl  # noqa: E402
 import torch  # noqa: E402
 
 from training.config import load_train_config  # noqa: E402
-from training.flops import attention_length, mfu, training_flops_per_token  # noqa: E402
+from training.model.flops import attention_length, mfu, training_flops_per_token  # noqa: E402
 
 
 def effective_length(lengths: pl.Series, max_residues: int) -> float:

@@ -52,3 +52,16 @@ def sample_build(tmp_path_factory: pytest.TempPathFactory) -> SampleBuild:
     result = snakemake(root, config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return SampleBuild(root, config, root / "build", root / "manifests" / "sample.json")
+
+
+# Modules whose tests build datasets with MMseqs2 or start DeepSpeed ranks (minutes, not seconds).
+HEAVY_MODULES = {"test_build", "test_cluster", "test_train"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the heavy tests (``make test-fast`` runs the rest): those of HEAVY_MODULES and any
+    that uses the sample build."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in HEAVY_MODULES or "sample_build" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.heavy)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from training.config import load_train_config
-from training.train import run_training
+from training.trainer.train import run_training
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ def real_records(
     from ../shared/data/NAME when present, else from the built-in reference set. Records are
     chosen by length, never by position, so a test sees the same shapes either way."""
     from pipeline.records import read_sequences
-    from training.reference_sequences import REFERENCE_SEQUENCES
+    from training.data.reference_sequences import REFERENCE_SEQUENCES
 
     path = SHARED_DATA / name
     records = (read_sequences(path) if path.is_file()

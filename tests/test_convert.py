@@ -14,9 +14,9 @@ from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
 from tests.helpers import real_sequences as _real_sequences
 from training import alphabet
-from training.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
 from training.cli import main
-from training.convert import (
+from training.model.checkpoint import load_checkpoint, read_state_dict, save_checkpoint
+from training.model.convert import (
     ConversionError,
     config_from_hf,
     export_hf,
@@ -24,7 +24,7 @@ from training.convert import (
     load_any_model,
     state_dict_from_hf,
 )
-from training.model import ModelConfig, build_model
+from training.model.esm2 import ModelConfig, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,11 +15,11 @@ from pipeline.errors import InputFormatError
 from pipeline.records import read_sequences
 from tests.helpers import real_records, shared_file
 from training import alphabet
-from training.checkpoint import load_checkpoint
 from training.cli import main
-from training.convert import import_hf
+from training.data.reference_sequences import REFERENCE_SEQUENCES
 from training.embed import EmbedError, EmbedOptions, embed_fasta, resolve_layers, window_starts
-from training.reference_sequences import REFERENCE_SEQUENCES
+from training.model.checkpoint import load_checkpoint
+from training.model.convert import import_hf
 
 
 def write_fasta(path: Path, records: list[tuple[str, str]], gz: bool = False) -> Path:
@@ -226,26 +226,6 @@ def test_cli_embed_from_hf_directory_and_errors(tmp_path: Path, hf_and_checkpoin
         assert err.count("\n") == 1
     assert not (tmp_path / "c.zarr").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zarr", "b.zarr", "in.fasta"]
-
-
-def test_read_sequences(tmp_path: Path) -> None:
-    path = tmp_path / "x.fasta.gz"
-    with gzip.open(path, "wt") as handle:
-        handle.write(">sp|P1|A first\nmkta\nYIAK*\n\n>second\nLLV\n")
-    assert list(read_sequences(path)) == [("sp|P1|A", "MKTAYIAK"), ("second", "LLV")]
-    cases = [
-        ("MKT\n>a\nL\n", "line 1: not a FASTA file"),
-        (">a\n>b\nL\n", r"record a \(line 1\): empty sequence"),
-        (">a\nMK1T\n", r"record a \(line 1\): invalid residue '1' at position 3"),
-        (">\nMKT\n", "empty header"),
-        ("", "empty file"),
-    ]
-    for text, message in cases:
-        (tmp_path / "bad.fasta").write_text(text)
-        with pytest.raises(InputFormatError, match=message):
-            list(read_sequences(tmp_path / "bad.fasta"))
-    with pytest.raises(InputFormatError, match="no such file"):
-        list(read_sequences(tmp_path / "none.fasta"))
 
 
 def test_bad_input_leaves_no_store(tmp_path: Path, hf_and_checkpoint) -> None:

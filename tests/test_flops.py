@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.flops import attention_length, mfu, training_flops_per_token
-from training.model import build_model
-from training.model_config import ModelConfig
+from training.model.config import ModelConfig
+from training.model.esm2 import build_model
+from training.model.flops import attention_length, mfu, training_flops_per_token
 
 
 @pytest.mark.parametrize("preset", ["tiny", "8M"])

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from tests.helpers import real_sequences
 from training import alphabet
-from training.layout import build_layout, pack_token_lists, plan_buckets
-from training.model import ESM2, ModelConfig, build_model, count_parameters
-from training.model_config import PRESETS, ConfigError
-from training.te_backend import (
+from training.model.config import PRESETS, ConfigError
+from training.model.esm2 import ESM2, ModelConfig, build_model, count_parameters
+from training.model.layout import build_layout, pack_token_lists, plan_buckets
+from training.model.te_backend import (
     BackendUnavailableError,
     fp8_padding,
     rename_from_te,
@@ -91,7 +91,7 @@ def test_config_overrides_round_trip_and_errors() -> None:
 def test_parameter_count_equals_hf(preset: str) -> None:
     from transformers import EsmConfig, EsmForMaskedLM
 
-    from training.convert import config_to_hf
+    from training.model.convert import config_to_hf
 
     cfg = ModelConfig.from_preset(preset)
     device = "cpu" if preset in ("tiny", "8M", "35M") else "meta"

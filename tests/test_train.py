@@ -99,8 +99,8 @@ def test_checkpoints_pruned_and_export_matches_transformers(straight, tmp_path) 
     import torch
     from transformers import EsmForMaskedLM
 
-    from training.checkpoint import load_checkpoint
-    from training.convert import export_hf
+    from training.model.checkpoint import load_checkpoint
+    from training.model.convert import export_hf
 
     _, root, _, _ = straight
     ckpt = root / "straight" / "checkpoints"
@@ -118,9 +118,9 @@ def test_checkpoints_pruned_and_export_matches_transformers(straight, tmp_path) 
 
 
 def test_evaluate_matches_the_trainers_validation(straight, tmp_path) -> None:
-    from training.checkpoint import load_checkpoint
     from training.cli import main
     from training.evaluate import evaluate_model
+    from training.model.checkpoint import load_checkpoint
 
     _, root, data, reports = straight
     logged = reports[0]["history"][-1]["val_perplexity"]

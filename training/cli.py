@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from pipeline.errors import PipelineError
-from training.data import EVAL_SEED
+from training.data.batches import EVAL_SEED
 from training.errors import UserError
-from training.model_config import MAX_RESIDUES
+from training.model.config import MAX_RESIDUES
 
 PROG = "esm2-train"
 
@@ -37,7 +37,7 @@ def _device(name: str | None) -> torch.device:
 
 
 def _cmd_import_hf(args: argparse.Namespace) -> int:
-    from training.convert import import_hf
+    from training.model.convert import import_hf
 
     out = import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
     print(f"wrote checkpoint {out}")
@@ -47,9 +47,9 @@ def _cmd_import_hf(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
-    from training.consolidate import consolidate
-    from training.convert import export_hf
-    from training.run_dir import RunDir
+    from training.model.convert import export_hf
+    from training.trainer.consolidate import consolidate
+    from training.trainer.run_dir import RunDir
 
     if RunDir.locate(args.checkpoint) is None:
         out = export_hf(args.checkpoint, args.out, overwrite=args.overwrite)
@@ -62,8 +62,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
-    from training.convert import load_any_model
     from training.embed import EmbedOptions, embed_fasta
+    from training.model.convert import load_any_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,10 +102,10 @@ def _launch(args: argparse.Namespace, resume: str) -> int:
     from torch.distributed.run import parse_args, run
 
     from pipeline.shard_reader import SplitIndex
-    from training.build_source import BuildSource
     from training.config import load_train_config
-    from training.run_dir import RunDir
-    from training.train import check_split_feeds
+    from training.data.build_source import BuildSource
+    from training.trainer.run_dir import RunDir
+    from training.trainer.train import check_split_feeds
 
     load_train_config(args.config)
     source = BuildSource(args.data, args.cache_dir)
@@ -127,9 +127,9 @@ def _launch(args: argparse.Namespace, resume: str) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from training.build_source import BuildSource
     from training.config import load_train_config
-    from training.train import run_training
+    from training.data.build_source import BuildSource
+    from training.trainer.train import run_training
 
     resume = "auto" if args.resume_or_start else "yes" if args.resume else "no"
     if args.nproc_per_node and "RANK" not in os.environ:
@@ -152,9 +152,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from training.convert import load_any_model
     from training.evaluate import evaluate_model, evaluate_run
-    from training.run_dir import RunDir
+    from training.model.convert import load_any_model
+    from training.trainer.run_dir import RunDir
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -162,7 +162,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     if RunDir.locate(args.checkpoint) is not None:  # a run: its own data and settings
         result = evaluate_run(args.checkpoint, args.data, device, args.cache_dir)
     else:
-        from training.build_source import BuildSource
+        from training.data.build_source import BuildSource
 
         shards = [Path(s) for s in args.shards]
         if not shards and args.data:

@@ -8,8 +8,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from pipeline.settings import Section, read_yaml, validate
-from training.data import EVAL_SEED, DataConfig
-from training.model_config import ModelConfig
+from training.data.batches import EVAL_SEED, DataConfig
+from training.model.config import ModelConfig
 
 
 class ModelSection(Section):

@@ -14,7 +14,7 @@ Store layout (``N`` sequences, ``R`` embedded residues in all, ``H`` hidden size
 Layer numbers: 0 = embedding output, ``i`` = block ``i``, ``num_layers`` = after the final
 LayerNorm (what ESM and HF call the last hidden state); negative numbers count from the end, so
 ``-1`` is the last layer. Sequences over ``max_residues`` (ESM-2's limit,
-:data:`training.model_config.MAX_RESIDUES`) are truncated to their first ``max_residues``, or
+:data:`training.model.config.MAX_RESIDUES`) are truncated to their first ``max_residues``, or
 with ``window`` embedded as overlapping windows whose per-residue values are averaged. Batches
 are formed by a token budget over sequences sorted by length (within blocks of bounded memory)
 and run packed (no padding). Arrays are compressed
@@ -38,9 +38,9 @@ from pipeline.atomic import atomic_dir
 from pipeline.records import read_sequences
 from training.alphabet import CLS, EOS, encode
 from training.errors import UserError
-from training.layout import pack_token_lists
-from training.model import ESM2
-from training.model_config import MAX_RESIDUES
+from training.model.config import MAX_RESIDUES
+from training.model.esm2 import ESM2
+from training.model.layout import pack_token_lists
 
 FORMAT = "esm2-pretrain.embeddings"
 CHUNK_BYTES = 4 << 20

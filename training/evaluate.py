@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.shard_reader import iter_clusters
-from training.data import (
+from training.data.batches import (
     EVAL_SEED,
     DataConfig,
     Example,
@@ -22,7 +22,7 @@ from training.data import (
     make_example,
 )
 from training.errors import UserError
-from training.model_config import MAX_RESIDUES
+from training.model.config import MAX_RESIDUES
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
@@ -127,11 +127,11 @@ def evaluate_run(path: str | Path, data: str | None = None, device: str | torch.
     """Perplexity of a training run's checkpoint (a run dir → its latest complete checkpoint, or
     ``checkpoints/stepN``) on its build's validation set, with the run's own data settings: the
     number the trainer's validation logged at that step."""
-    from training.build_source import BuildSource
-    from training.checkpoint import load_checkpoint
     from training.config import TrainConfig
-    from training.consolidate import consolidate
-    from training.run_dir import RunDir
+    from training.data.build_source import BuildSource
+    from training.model.checkpoint import load_checkpoint
+    from training.trainer.consolidate import consolidate
+    from training.trainer.run_dir import RunDir
 
     found = RunDir.locate(path)
     if found is None:

@@ -1,14 +1,14 @@
 """Cluster-sampled MLM data: split samples → masked token batches for one rank.
 
 ESM-2's scheme: every epoch visits each UniRef50 cluster of the split once, in an order that is a
-function of (seed, epoch) alone (:mod:`training.sampler`); for each, one UniRef90 member is drawn
-uniformly, cropped to ``max_residues`` at a random window, wrapped as ``<cls> … <eos>`` and masked
-(15%: 80% ``<mask>``, 10% random residue, 10% unchanged; special tokens never). Every random
-choice for a cluster is seeded by (seed, epoch, cluster), so what a cluster becomes does not
-depend on ranks, workers or order.
+function of (seed, epoch) alone (:mod:`training.data.sampler`); for each, one UniRef90 member is
+drawn uniformly, cropped to ``max_residues`` at a random window, wrapped as ``<cls> … <eos>`` and
+masked (15%: 80% ``<mask>``, 10% random residue, 10% unchanged; special tokens never). Every random
+choice for a cluster is seeded by (seed, epoch, cluster), so what a cluster becomes does not depend
+on ranks, workers or order.
 
 Samples, not shards, are dealt: each global batch is split into this rank's micro-batches
-(:func:`training.sampler.assign`), which DataLoader workers read by index from the tar shards
+(:func:`training.data.sampler.assign`), which DataLoader workers read by index from the tar shards
 (``pipeline.shards.ShardReader``, WebDataset's ``wids``) and collate, packed or padded.
 """
 
@@ -39,8 +39,8 @@ from training.alphabet import (
     VOCAB_SIZE,
     encode,
 )
-from training.model_config import MAX_RESIDUES
-from training.sampler import GlobalBatch, Position, assign, global_batches, member_draws
+from training.data.sampler import GlobalBatch, Position, assign, global_batches, member_draws
+from training.model.config import MAX_RESIDUES
 
 _SPECIAL = np.zeros(VOCAB_SIZE, dtype=bool)
 _SPECIAL[sorted(SPECIAL_IDS)] = True

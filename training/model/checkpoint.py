@@ -2,7 +2,7 @@
 
 ``config.json`` is ``{"format": "esm2-pretrain.model", "version": 1, "model": {ModelConfig}}``
 (plus optional ``"metadata"``); ``model.safetensors`` holds ``ESM2.state_dict()`` — parameter
-names as documented in ``training.model``, the tied decoder weight left out, identical for the
+names as documented in ``training.model.esm2``, the tied decoder weight left out, identical for the
 ``torch`` and ``te`` backends. Directories are written atomically (temporary name + rename).
 """
 
@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_dir
 from training.errors import UserError
-from training.model import ESM2, build_model
-from training.model_config import ConfigError, ModelConfig
+from training.model.config import ConfigError, ModelConfig
+from training.model.esm2 import ESM2, build_model
 
 FORMAT = "esm2-pretrain.model"
 VERSION = 1

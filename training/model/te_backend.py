@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.errors import UserError
-from training.layout import TokenLayout
-from training.model_config import ModelConfig
-from training.rotary import RotaryTables, apply_rotary
+from training.model.config import ModelConfig
+from training.model.layout import TokenLayout
+from training.model.rotary import RotaryTables, apply_rotary
 
 #: Block-relative names: ours -> TransformerEngine's (the rest are the same in both).
 OURS_TO_TE = {

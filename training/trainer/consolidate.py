@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from training.checkpoint import save_checkpoint
 from training.errors import UserError
-from training.model import build_model
-from training.model_config import ModelConfig
-from training.run_dir import RunDir
+from training.model.checkpoint import save_checkpoint
+from training.model.config import ModelConfig
+from training.model.esm2 import build_model
+from training.trainer.run_dir import RunDir
 
 
 def consolidate(path: str | os.PathLike[str], out: str | os.PathLike[str],

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from training.model_config import ModelConfig
+from training.model.config import ModelConfig
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: float) -> float:

@@ -12,8 +12,8 @@ from pipeline.errors import PipelineError
 from pipeline.shard_reader import SplitIndex
 from pipeline.shards import ClusterSample, ShardWriter
 from training.alphabet import CLS, EOS, IGNORE_INDEX, MASK
-from training.data import DataConfig, make_example, make_loader
-from training.sampler import EpochOrder, Position, assign, global_batches
+from training.data.batches import DataConfig, make_example, make_loader
+from training.data.sampler import EpochOrder, Position, assign, global_batches
 
 AA = np.array(list("LAGVSERTIDPKQNFYMHWC"))
 

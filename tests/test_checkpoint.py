@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import OutputExistsError
 from training import alphabet
-from training.checkpoint import (
+from training.data.reference_sequences import REFERENCE_SEQUENCES
+from training.model.checkpoint import (
     CONFIG_FILE,
     FORMAT,
     MODEL_FILE,
@@ -21,8 +22,7 @@ from training.checkpoint import (
     read_state_dict,
     save_checkpoint,
 )
-from training.model import ModelConfig, build_model
-from training.reference_sequences import REFERENCE_SEQUENCES
+from training.model.esm2 import ModelConfig, build_model
 
 
 def random_model(**overrides):

@@ -22,7 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.atomic import atomic_dir
 from training.alphabet import MASK, PAD, TOKENS, VOCAB_SIZE, vocab_text
-from training.checkpoint import (
+from training.errors import UserError
+from training.model.checkpoint import (
     CheckpointError,
     instantiate,
     load_checkpoint,
@@ -31,10 +32,9 @@ from training.checkpoint import (
     save_checkpoint,
     validate_state_dict,
 )
-from training.errors import UserError
-from training.model import ESM2
-from training.model_config import MAX_POSITIONS, ConfigError, ModelConfig
-from training.rotary import RotaryEmbedding
+from training.model.config import MAX_POSITIONS, ConfigError, ModelConfig
+from training.model.esm2 import ESM2
+from training.model.rotary import RotaryEmbedding
 
 
 class ConversionError(UserError, ValueError):

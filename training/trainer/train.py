@@ -3,7 +3,7 @@
 Run one process per rank (``torchrun --nproc_per_node N -m training.cli train …``, the
 ``deepspeed --module`` launcher, or plain ``esm2-train train`` for one process); on CPU set
 ``DS_ACCELERATOR=cpu`` (ranks talk over gloo). Every optimiser step trains on one *global batch*
-(:mod:`training.sampler`): the same clusters for any world size, each rank taking its share as
+(:mod:`training.data.sampler`): the same clusters for any world size, each rank taking its share as
 the same number of micro-batches. The loss is the mean over the global batch's masked tokens, so
 the step does not depend on how the batch was shared out.
 
@@ -30,15 +30,15 @@ import torch.distributed as dist
 
 from pipeline.shard_reader import SplitIndex
 from training.alphabet import IGNORE_INDEX
-from training.build_source import BuildSource
 from training.config import TrainConfig
-from training.data import make_loader
-from training.engine_config import deepspeed_config, group_decays, lr_factor, param_groups
+from training.data.batches import make_loader
+from training.data.build_source import BuildSource
+from training.data.sampler import Position
 from training.errors import RankError, StoppedByPeer, UserError
 from training.evaluate import evaluation_batches, model_forward, perplexity
-from training.model import build_model
-from training.run_dir import RunDir
-from training.sampler import Position
+from training.model.esm2 import build_model
+from training.trainer.engine_config import deepspeed_config, group_decays, lr_factor, param_groups
+from training.trainer.run_dir import RunDir
 
 
 def single_process_env() -> None:
@@ -347,7 +347,7 @@ def run_training(cfg: TrainConfig, data: str | Path | BuildSource, out_dir: Path
     history = trainer.fit(progress=progress, trace_clusters=trace_clusters)
     state = trainer.consolidated_state_dict()
     if trainer.rank == 0 and state is not None:
-        from training.checkpoint import save_checkpoint
+        from training.model.checkpoint import save_checkpoint
 
         save_checkpoint(
             state,

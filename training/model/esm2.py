@@ -1,15 +1,14 @@
 """ESM-2 in PyTorch, numerically matching ``transformers.EsmForMaskedLM``.
 
-Embedding with token dropout -> ``num_layers`` pre-LayerNorm blocks (rotary self-attention,
-GELU MLP) -> final LayerNorm (``emb_layer_norm_after``) -> LM head (dense, GELU, LayerNorm,
-decoder tied to the embedding, bias). Batches are padded (``attention_mask``) or packed
-(``seq_ids``: several sequences per row, attention restricted to each, rotary positions restarting
-per sequence). Either way the blocks run on a slot stream laid out by ``training.layout``: batch
-padding is dropped, sequences of similar length are bucketed for attention, so padded and packed
-batches give the same values at the same cost. Numerics follow HF (query scaled by
-``head_dim**-0.5`` before the rotary embedding, rotary in float32, exact erf GELU, token dropout
-rescaling by each sequence's own mask ratio); logits agree with ``EsmForMaskedLM`` to ~1e-6 in
-float32.
+Embedding with token dropout -> ``num_layers`` pre-LayerNorm blocks (rotary self-attention, GELU
+MLP) -> final LayerNorm (``emb_layer_norm_after``) -> LM head (dense, GELU, LayerNorm, decoder tied
+to the embedding, bias). Batches are padded (``attention_mask``) or packed (``seq_ids``: several
+sequences per row, attention restricted to each, rotary positions restarting per sequence). Either
+way the blocks run on a slot stream laid out by ``training.model.layout``: batch padding is dropped,
+sequences of similar length are bucketed for attention, so padded and packed batches give the same
+values at the same cost. Numerics follow HF (query scaled by ``head_dim**-0.5`` before the rotary
+embedding, rotary in float32, exact erf GELU, token dropout rescaling by each sequence's own mask
+ratio); logits agree with ``EsmForMaskedLM`` to ~1e-6 in float32.
 
 Parameter names (what checkpoints hold)::
 
@@ -36,10 +35,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from training.alphabet import IGNORE_INDEX, MASK, PAD
-from training.layout import TokenLayout, build_layout
-from training.model_config import PRESETS, ConfigError, ModelConfig
-from training.rotary import RotaryEmbedding, RotaryTables, apply_rotary
-from training.te_backend import TEBlock, fp8_autocast, fp8_padding
+from training.model.config import PRESETS, ConfigError, ModelConfig
+from training.model.layout import TokenLayout, build_layout
+from training.model.rotary import RotaryEmbedding, RotaryTables, apply_rotary
+from training.model.te_backend import TEBlock, fp8_autocast, fp8_padding
 
 __all__ = [
     "ESM2",

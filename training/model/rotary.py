@@ -1,7 +1,7 @@
 """Rotary position embeddings as ESM-2 and HF ``EsmRotaryEmbedding`` compute them: the tables
 (float32, with ESM's query scaling folded into the query's) and their application, shared by
-the PyTorch blocks (:mod:`training.model`) and the TransformerEngine blocks
-(:mod:`training.te_backend`)."""
+the PyTorch blocks (:mod:`training.model.esm2`) and the TransformerEngine blocks
+(:mod:`training.model.te_backend`)."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 
 from training.config import OptimSection, TrainConfig
-from training.run_dir import RunDir
+from training.trainer.run_dir import RunDir
 
 
 def lr_factor(optim: OptimSection) -> Callable[[int], float]:
