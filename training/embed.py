@@ -37,6 +37,7 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_dir
 from pipeline.records import read_sequences
 from training.alphabet import CLS, EOS, encode
+from training.data.sampler import greedy_batches
 from training.errors import UserError
 from training.model.config import MAX_RESIDUES
 from training.model.esm2 import ESM2
@@ -143,18 +144,10 @@ def _pieces(
 
 
 def _batches(pieces: list[_Piece], tokens_per_batch: int) -> Iterator[list[_Piece]]:
-    """Pieces sorted longest first, grouped while the batch stays within the token budget."""
-    batch: list[_Piece] = []
-    used = 0
-    for piece in sorted(pieces, key=lambda p: -len(p.residues)):
-        tokens = len(piece.residues) + 2
-        if batch and used + tokens > tokens_per_batch:
-            yield batch
-            batch, used = [], 0
-        batch.append(piece)
-        used += tokens
-    if batch:
-        yield batch
+    """Pieces sorted longest first, grouped while the (packed) batch stays within the budget."""
+    order = sorted(pieces, key=lambda p: -len(p.residues))
+    for batch in greedy_batches([len(p.residues) + 2 for p in order], tokens_per_batch, True):
+        yield [order[i] for i in batch]
 
 
 @torch.inference_mode()

@@ -39,8 +39,16 @@ from training.alphabet import (
     VOCAB_SIZE,
     encode,
 )
-from training.data.sampler import GlobalBatch, Position, assign, global_batches, member_draws
+from training.data.sampler import (
+    GlobalBatch,
+    Position,
+    assign,
+    global_batches,
+    greedy_batches,
+    member_draws,
+)
 from training.model.config import MAX_RESIDUES
+from training.model.layout import pack_token_lists
 
 _SPECIAL = np.zeros(VOCAB_SIZE, dtype=bool)
 _SPECIAL[sorted(SPECIAL_IDS)] = True
@@ -130,14 +138,10 @@ def make_example(sample: ClusterSample, epoch: int, cfg: DataConfig,
 def collate(examples: Sequence[Example], packed: bool) -> dict[str, torch.Tensor]:
     """Padded ``[B, T]`` batch with ``attention_mask``, or one packed row with ``seq_ids``."""
     if packed:
-        input_ids = np.concatenate([e.input_ids for e in examples])
+        input_ids, seq_ids = pack_token_lists([e.input_ids for e in examples])  # one row
         labels = np.concatenate([e.labels for e in examples])
-        seq_ids = np.repeat(np.arange(len(examples)), [len(e.input_ids) for e in examples])
-        return {
-            "input_ids": torch.from_numpy(input_ids)[None],
-            "labels": torch.from_numpy(labels)[None],
-            "seq_ids": torch.from_numpy(seq_ids)[None],
-        }
+        return {"input_ids": input_ids, "labels": torch.from_numpy(labels)[None],
+                "seq_ids": seq_ids}
     width = max(len(e.input_ids) for e in examples)
     input_ids = np.full((len(examples), width), PAD, dtype=np.int64)
     labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
@@ -156,22 +160,8 @@ def collate(examples: Sequence[Example], packed: bool) -> dict[str, torch.Tensor
 def batch_by_tokens(examples: Sequence[Example], cfg: DataConfig) -> list[list[Example]]:
     """Length-sorted greedy batches whose token count (padded or packed) fits the budget."""
     order = sorted(examples, key=lambda e: (len(e.input_ids), e.cluster))
-    batches: list[list[Example]] = []
-    current: list[Example] = []
-    for e in order:
-        n = len(e.input_ids)
-        cost = (
-            sum(len(x.input_ids) for x in current) + n
-            if cfg.packed
-            else max(n, *(len(x.input_ids) for x in current), 0) * (len(current) + 1)
-        )
-        if current and cost > cfg.tokens_per_batch:
-            batches.append(current)
-            current = []
-        current.append(e)
-    if current:
-        batches.append(current)
-    return batches
+    cuts = greedy_batches([len(e.input_ids) for e in order], cfg.tokens_per_batch, cfg.packed)
+    return [[order[i] for i in batch] for batch in cuts]
 
 
 def empty_batch(packed: bool) -> dict[str, torch.Tensor]:

@@ -153,11 +153,24 @@ def global_batches(index: SplitIndex, seed: int, max_residues: int, tokens_per_s
         epoch, batch, offset = epoch + 1, 0, 0
 
 
-def micro_batch_cost(lengths: Sequence[int], packed: bool) -> int:
-    """Tokens a micro-batch occupies: the sum (packed) or rows × longest (padded)."""
-    if not lengths:
-        return 0
-    return sum(lengths) if packed else max(lengths) * len(lengths)
+def greedy_batches(lengths: Sequence[int], budget: int, packed: bool) -> list[list[int]]:
+    """Positions of ``lengths``, in the given order, cut into consecutive batches whose tokens
+    stay within ``budget``: the sum (packed) or rows × longest (padded); an example over the
+    budget gets a batch of its own. (Validation and embedding batches: the training deal is
+    :func:`assign`.)"""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    total = longest = 0
+    for i, n in enumerate(lengths):
+        cost = total + n if packed else max(longest, n) * (len(current) + 1)
+        if current and cost > budget:
+            batches.append(current)
+            current, total, longest = [], 0, 0
+        current.append(i)
+        total, longest = total + n, max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
 
 
 def assign(lengths: Sequence[int], world: int, tokens_per_batch: int,
