@@ -67,7 +67,7 @@ def main() -> None:
             ingest([fasta], base)
         raw_fasta = base / "unique.fasta"
         if not raw_fasta.exists():
-            from pipeline.cluster import write_indexed_fasta
+            from pipeline.mmseqs import write_indexed_fasta
 
             write_indexed_fasta(base / "sequences.parquet", raw_fasta)
         work = base / "raw"

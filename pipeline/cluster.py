@@ -20,39 +20,16 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
 from pipeline.config import BuildConfig, ClusterConfig, ClusterStage
 from pipeline.errors import PipelineError
 from pipeline.ids import uniref_id
-from pipeline.mmseqs import MMseqs
+from pipeline.mmseqs import MMseqs, write_indexed_fasta
 from pipeline.progress import progress_bar
 
 log = logging.getLogger(__name__)
-_FASTA_BATCH = 65_536
-
-
-def write_indexed_fasta(sequences: Path, dest: Path, keep: np.ndarray | None = None) -> int:
-    """Write ``>row\\nSEQ`` for the rows of sequences.parquet (all, or where ``keep``)."""
-    written = 0
-    row = 0
-    with open(dest, "w", encoding="ascii") as fh:
-        for batch in pq.ParquetFile(sequences).iter_batches(_FASTA_BATCH, columns=["sequence"]):
-            seqs = batch.column(0).to_pylist()
-            idx = range(row, row + len(seqs))
-            if keep is None:
-                fh.write("".join(f">{i}\n{s}\n" for i, s in zip(idx, seqs, strict=True)))
-                written += len(seqs)
-            else:
-                sel = keep[row : row + len(seqs)]
-                fh.write("".join(
-                    f">{i}\n{s}\n" for i, s, k in zip(idx, seqs, sel, strict=True) if k
-                ))
-                written += int(sel.sum())
-            row += len(seqs)
-    return written
 
 
 def run_clustering(mm: MMseqs, fasta: Path, work: Path, stage: ClusterStage,

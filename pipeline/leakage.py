@@ -17,11 +17,10 @@ import polars as pl
 
 from pipeline.atomic import scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
-from pipeline.cluster import write_indexed_fasta
 from pipeline.config import BuildConfig, LeakageConfig
 from pipeline.errors import PipelineError
 from pipeline.ids import order_key
-from pipeline.mmseqs import MMseqs
+from pipeline.mmseqs import MMseqs, write_indexed_fasta
 
 IDENTITY_BINS = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]
 

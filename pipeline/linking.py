@@ -23,11 +23,10 @@ from scipy.sparse.csgraph import connected_components
 
 from pipeline.atomic import scratch_dir
 from pipeline.build_dir import BuildDir
-from pipeline.cluster import write_indexed_fasta
 from pipeline.config import SplitConfig
 from pipeline.errors import PipelineError
 from pipeline.ids import accession_of
-from pipeline.mmseqs import MMseqs
+from pipeline.mmseqs import MMseqs, write_indexed_fasta
 
 
 def row_clusters(out: BuildDir) -> pl.DataFrame:

@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
@@ -22,6 +24,7 @@ from pipeline.progress import LogProgress, progress_bar
 
 log = logging.getLogger(__name__)
 _LOG_TAIL_LINES = 5
+_FASTA_BATCH = 65_536  # sequences.parquet rows per read when writing MMseqs2's input
 _POLL_S = 1.0  # how often a running command's log is read for progress
 ELAPSED_MARK = "# mmseqs exit"  # log line after each command: "# mmseqs exit RC after S s"
 
@@ -218,3 +221,24 @@ def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
 def write_fasta(records: Sequence[tuple[str, str]], handle) -> None:
     """Write ``(id, sequence)`` pairs as single-line FASTA to a text handle."""
     handle.write("".join(f">{name}\n{seq}\n" for name, seq in records))
+
+
+def write_indexed_fasta(sequences: Path, dest: Path, keep: np.ndarray | None = None) -> int:
+    """Write ``>row\\nSEQ`` for the rows of sequences.parquet (all, or where ``keep``)."""
+    written = 0
+    row = 0
+    with open(dest, "w", encoding="ascii") as fh:
+        for batch in pq.ParquetFile(sequences).iter_batches(_FASTA_BATCH, columns=["sequence"]):
+            seqs = batch.column(0).to_pylist()
+            idx = range(row, row + len(seqs))
+            if keep is None:
+                fh.write("".join(f">{i}\n{s}\n" for i, s in zip(idx, seqs, strict=True)))
+                written += len(seqs)
+            else:
+                sel = keep[row : row + len(seqs)]
+                fh.write("".join(
+                    f">{i}\n{s}\n" for i, s, k in zip(idx, seqs, sel, strict=True) if k
+                ))
+                written += int(sel.sum())
+            row += len(seqs)
+    return written
