@@ -11,6 +11,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline.ids import UNIREF50, UNIREF90, UNIREF100
+
 # Header grammar ---------------------------------------------------------------------------------
 # UniProtKB: >sp|P69905|HBA_HUMAN Hemoglobin subunit alpha OS=Homo sapiens OX=9606 GN=HBA1 PE=1 SV=2
 # UniRef:    >UniRef90_P69905 Hemoglobin subunit alpha n=123 Tax=Homo sapiens TaxID=9606 RepID=...
@@ -64,7 +66,7 @@ def parse_headers(headers: pl.Series) -> pl.DataFrame:
 # ASCII (space the only whitespace, so the regexes' \s and \d are ' ' and [0-9]); any other header
 # is handed to ``parse_headers``, which stays the definition.
 _KB_PREFIXES = (b"sp|", b"tr|")
-_UNIREF_PREFIXES = (b"UniRef50_", b"UniRef90_", b"UniRef100_")
+_UNIREF_PREFIXES = tuple(p.encode() for p in (UNIREF50, UNIREF90, UNIREF100))
 _PREFIX_WIDTH = 10
 _MAX_DIGITS = 18  # longer taxids may overflow Int64: left to parse_headers
 _MAX_WALK = _MAX_DIGITS + 1  # longer runs of digits or spaces: left to parse_headers

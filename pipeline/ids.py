@@ -14,6 +14,7 @@ import polars as pl
 
 UNIREF50 = "UniRef50_"
 UNIREF90 = "UniRef90_"
+UNIREF100 = "UniRef100_"
 _PREFIX = {50: UNIREF50, 90: UNIREF90}
 
 

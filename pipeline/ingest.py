@@ -33,6 +33,7 @@ from pipeline.partition import BucketWriter, ParquetSink
 from pipeline.progress import format_sizeof, progress_bar
 from pipeline.records import RESIDUES, Rejector, chunk_frame, clean
 
+# length histogram edges; 1022 is ESM-2's crop (training.model.config.MAX_RESIDUES)
 LENGTH_EDGES = [0, 50, 100, 200, 300, 400, 500, 750, 1022, 1500, 2000, 5000, 10000, 35000]
 SEQUENCE_COLUMNS = [
     "accession", "db", "description", "taxid", "length", "sequence", "seq_hash", "n_records",
@@ -261,11 +262,9 @@ def ingest_part(
             for df in _read_input(sources[index], index, on_error, chunk_bytes, stats):
                 seq_buckets.write(df, _seq_bucket(n_buckets))
                 acc_buckets.write(df.select(ACC_COLUMNS), _acc_bucket(n_buckets))
-        info = {
-            "index": index, "file": str(sources[index]), "partitions": n_buckets,
-            "input": stats.inputs[0], "rejected": dict(stats.rejected),
-            "rejected_examples": stats.examples,
-        }
+        info = {"index": index, "file": str(sources[index]), "partitions": n_buckets,
+                "input": stats.inputs[0], "rejected": dict(stats.rejected),
+                "rejected_examples": stats.examples}
         (tmp / PART_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
