@@ -1,0 +1,152 @@
+"""UniProt's own UniRef release as a cluster source: the UniRef50 XML read as a stream.
+
+``uniref50.xml.gz`` follows UniProt's ``uniref.xsd``: one ``<entry id="UniRef50_…">`` per
+cluster, a ``<representativeMember>`` and ``<member>`` elements, each holding one
+``<dbReference type="UniProtKB ID" | "UniParc ID">`` whose ``<property type="UniRef90 ID">``
+names the UniRef90 cluster it belongs to. :func:`read_membership` turns it into the table the
+build's later stages take: (rep50, rep90, uniprot_entries), one row per UniRef90 cluster, where
+``uniprot_entries`` counts the cluster's UniProtKB members (UniParc-only members are no UniProtKB
+entries). Memory does not grow with the input: ``lxml.etree.iterparse`` hands over each
+``dbReference`` as it ends, every finished element is cleared and dropped from its parent (an
+entry of 10^5 members never exists as a tree), and rows leave for a Parquet file in chunks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+from lxml import etree
+
+from pipeline.atomic import atomic_path
+from pipeline.errors import InputFormatError
+from pipeline.fasta import GZIP_MAGIC
+
+NS = "{http://uniprot.org/uniref}"
+SCHEMA = pa.schema([("rep50", pa.string()), ("rep90", pa.string()),
+                    ("uniprot_entries", pa.int64())])
+_CHUNK_ROWS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One UniRef50 cluster: its UniRef90 clusters and their UniProtKB member counts."""
+
+    id: str
+    line: int
+    uniref90: dict[str, int]  # UniRef90 id -> UniProtKB members (0: UniParc members only)
+
+
+def _open(path: Path):
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == GZIP_MAGIC
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def iter_entries(path: str | Path) -> Iterator[Entry]:
+    """The entries of a UniRef50 XML file (plain or gzip), in file order, one at a time.
+
+    A member without a UniRef90 id, an entry without members and a truncated or malformed file
+    are :class:`InputFormatError` lines naming the file and the entry.
+    """
+    path = Path(path)
+    current: str | None = None
+    line = 0
+    counts: Counter[str] = Counter()
+    members = 0
+    try:
+        with _open(path) as stream:
+            events = etree.iterparse(stream, events=("start", "end"), tag=(
+                f"{NS}entry", f"{NS}dbReference", f"{NS}member", f"{NS}representativeMember"),
+                huge_tree=True, resolve_entities=False, no_network=True)
+            for event, elem in events:
+                if elem.tag in (f"{NS}member", f"{NS}representativeMember"):
+                    if event == "end":
+                        _drop(elem)  # a finished member (and every earlier one) is freed
+                    continue
+                if elem.tag == f"{NS}entry":
+                    if event == "start":
+                        current, line = elem.get("id"), elem.sourceline or 0
+                        counts, members = Counter(), 0
+                        if not current:
+                            raise InputFormatError(f"{path}: line {line}: an entry without an id")
+                        continue
+                    if not members:
+                        raise InputFormatError(f"{path}: entry {current} (line {line}): no "
+                                               "members")
+                    yield Entry(current, line, dict(counts))
+                    _drop(elem)
+                    current = None
+                    continue
+                if event == "start" or current is None:
+                    continue
+                rep90 = uniprot = None
+                for prop in elem.iter(f"{NS}property"):
+                    if prop.get("type") == "UniRef90 ID":
+                        rep90 = prop.get("value")
+                uniprot = elem.get("type") == "UniProtKB ID"
+                if not rep90:
+                    raise InputFormatError(
+                        f"{path}: entry {current} (line {line}): member {elem.get('id')} "
+                        f"(line {elem.sourceline}) has no UniRef90 ID")
+                counts[rep90] += int(uniprot)
+                members += 1
+    except etree.XMLSyntaxError as err:
+        where = f"after entry {current} (line {line})" if current else "at the top"
+        raise InputFormatError(f"{path}: truncated or malformed XML {where}: "
+                               f"{err.msg.splitlines()[0] if err.msg else err}") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:
+        raise InputFormatError(f"{path}: truncated or corrupt gzip after entry {current} "
+                               f"(line {line}): {err}") from None
+    if current is not None:
+        raise InputFormatError(f"{path}: truncated XML: entry {current} (line {line}) never ends")
+
+
+def _drop(elem: etree._Element) -> None:
+    """Free a finished element and every earlier sibling (iterparse keeps them otherwise)."""
+    elem.clear(keep_tail=False)
+    parent = elem.getparent()
+    if parent is not None:
+        while elem.getprevious() is not None:
+            del parent[0]
+
+
+def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK_ROWS) -> dict:
+    """Write (rep50, rep90, uniprot_entries) for every UniRef90 cluster of the UniRef50 XML at
+    ``path`` to the Parquet file ``dest`` (atomically); returns counts. A UniRef90 cluster in two
+    UniRef50 entries is an error naming both (checked on the written file, not in memory)."""
+    rows: dict[str, list] = {"rep50": [], "rep90": [], "uniprot_entries": []}
+    entries = clusters = members = 0
+    with atomic_path(dest) as tmp:
+        writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
+        try:
+            for entry in iter_entries(path):
+                entries += 1
+                for rep90, count in sorted(entry.uniref90.items()):
+                    rows["rep50"].append(entry.id)
+                    rows["rep90"].append(rep90)
+                    rows["uniprot_entries"].append(count)
+                    members += count
+                clusters += len(entry.uniref90)
+                if len(rows["rep90"]) >= chunk_rows:
+                    writer.write_table(pa.table(rows, schema=SCHEMA))
+                    rows = {k: [] for k in rows}
+            writer.write_table(pa.table(rows, schema=SCHEMA))
+        finally:
+            writer.close()
+        twice = (pl.scan_parquet(tmp).group_by("rep90")
+                 .agg(pl.col("rep50").sort(), pl.len()).filter(pl.col("len") > 1)
+                 .sort("rep90").head(1).collect(engine="streaming"))
+        if twice.height:
+            rep90, rep50 = twice.row(0)[:2]
+            raise InputFormatError(f"{path}: {rep90} is a member of {rep50[0]} and of "
+                                   f"{rep50[1]}")
+    return {"uniref50_entries": entries, "uniref90_clusters": clusters,
+            "uniprot_members": members}

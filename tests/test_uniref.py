@@ -1,0 +1,123 @@
+"""pipeline.uniref: UniProt's UniRef50 XML read as a stream into (rep50, rep90, entries)."""
+
+from __future__ import annotations
+
+import gzip
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from pipeline.errors import InputFormatError
+from pipeline.uniref import iter_entries, read_membership
+from tests.helpers import REPO, shared_file
+
+HEAD = ('<?xml version="1.0" encoding="ISO-8859-1" ?>\n<UniRef50 xmlns="http://uniprot.org/uniref" '
+        'releaseDate="2024-03-27" version="2024_02">\n')
+
+
+def member(tag: str, kind: str, ident: str, rep90: str | None, acc: str = "") -> str:
+    props = f'<property type="UniProtKB accession" value="{acc}"/>' if acc else ""
+    if rep90:
+        props += f'<property type="UniRef90 ID" value="{rep90}"/>'
+    seq = '<sequence length="3">MKV</sequence>' if tag == "representativeMember" else ""
+    return f'<{tag}><dbReference type="{kind}" id="{ident}">{props}</dbReference>{seq}</{tag}>\n'
+
+
+def entry(ident: str, *members: str) -> str:
+    return (f'<entry id="{ident}" updated="2024-01-24">\n<name>Cluster: x</name>\n'
+            f'<property type="member count" value="{len(members)}"/>\n{"".join(members)}</entry>\n')
+
+
+GOOD = HEAD + entry(
+    "UniRef50_P1",
+    member("representativeMember", "UniProtKB ID", "A_HUMAN", "UniRef90_P1", "P1"),
+    member("member", "UniProtKB ID", "B_HUMAN", "UniRef90_P1", "P2"),
+    member("member", "UniParc ID", "UPI0000000001", "UniRef90_P1"),
+    member("member", "UniProtKB ID", "C_MOUSE", "UniRef90_Q9", "Q9"),
+) + entry(
+    "UniRef50_R5",
+    member("representativeMember", "UniParc ID", "UPI0000000002", "UniRef90_UPI0000000002"),
+) + "</UniRef50>\n"
+
+
+def write(path: Path, text: str, gz: bool = False) -> Path:
+    data = text.encode("latin-1")
+    path.write_bytes(gzip.compress(data, mtime=0) if gz else data)
+    return path
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gzip"])
+def test_membership_counts_uniprot_members_per_uniref90(tmp_path: Path, gz: bool) -> None:
+    xml = write(tmp_path / ("u.xml.gz" if gz else "u.xml"), GOOD, gz)
+    entries = list(iter_entries(xml))
+    assert [(e.id, e.uniref90) for e in entries] == [
+        ("UniRef50_P1", {"UniRef90_P1": 2, "UniRef90_Q9": 1}),
+        ("UniRef50_R5", {"UniRef90_UPI0000000002": 0}),  # a UniParc-only cluster
+    ]
+    stats = read_membership(xml, tmp_path / "m.parquet", chunk_rows=1)
+    assert stats == {"uniref50_entries": 2, "uniref90_clusters": 3, "uniprot_members": 3}
+    assert pl.read_parquet(tmp_path / "m.parquet").rows() == [
+        ("UniRef50_P1", "UniRef90_P1", 2), ("UniRef50_P1", "UniRef90_Q9", 1),
+        ("UniRef50_R5", "UniRef90_UPI0000000002", 0)]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (HEAD + entry("UniRef50_E") + "</UniRef50>\n", r"entry UniRef50_E \(line 3\): no members"),
+    (HEAD + entry("UniRef50_P1", member("member", "UniProtKB ID", "X_Y", None, "P7"))
+     + "</UniRef50>\n", r"entry UniRef50_P1 \(line 3\): member X_Y \(line 6\) has no UniRef90"),
+    (GOOD[: GOOD.index('<entry id="UniRef50_R5"') + 60], r"truncated or malformed XML after "
+     r"entry UniRef50_R5"),
+    (GOOD.replace("</UniRef50>\n", ""), r"truncated or malformed XML"),
+    (HEAD + entry("UniRef50_A", member("member", "UniProtKB ID", "X", "UniRef90_X", "X"))
+     + entry("UniRef50_B", member("member", "UniProtKB ID", "Y", "UniRef90_X", "Y"))
+     + "</UniRef50>\n", r"UniRef90_X is a member of UniRef50_A and of UniRef50_B"),
+], ids=["no-members", "no-uniref90", "truncated-entry", "no-root-end", "uniref90-twice"])
+def test_bad_xml_is_one_line_and_nothing_written(tmp_path: Path, text: str,
+                                                 message: str) -> None:
+    xml = write(tmp_path / "bad.xml", text)
+    with pytest.raises(InputFormatError, match=message) as err:
+        read_membership(xml, tmp_path / "m.parquet")
+    assert "\n" not in str(err.value) and str(xml) in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.xml"]
+
+
+def test_truncated_gzip_is_one_line(tmp_path: Path) -> None:
+    data = gzip.compress((HEAD + entry("UniRef50_P1", member(
+        "member", "UniProtKB ID", "A", "UniRef90_A", "A")) * 200 + "</UniRef50>").encode(),
+        mtime=0)
+    xml = tmp_path / "cut.xml.gz"
+    xml.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputFormatError, match=r"cut\.xml\.gz: truncated"):
+        list(iter_entries(xml))
+
+
+def test_a_huge_entry_streams(tmp_path: Path) -> None:
+    """An entry of 50,000 members: read member by member, counted right."""
+    members = "".join(member("member", "UniProtKB ID", f"M{i}", f"UniRef90_M{i % 7}", f"M{i}")
+                      for i in range(50_000))
+    xml = write(tmp_path / "big.xml.gz", HEAD + entry("UniRef50_BIG", members) + "</UniRef50>",
+                gz=True)
+    (only,) = iter_entries(xml)
+    assert sum(only.uniref90.values()) == 50_000 and len(only.uniref90) == 7
+
+
+@pytest.mark.heavy
+def test_a_release_made_from_real_records_reads_back_exactly(tmp_path: Path) -> None:
+    """scripts/make_uniref_release.py writes UniProt's formats from real records clustered by
+    this project; reading the XML gives back exactly the membership it wrote; the release's
+    bytes are the same on a second run."""
+    source = shared_file("openfold_msa_uniprot_hits.fasta.gz")
+    for out in ("a", "b"):
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_uniref_release.py"),
+                        str(tmp_path / out), str(source)], check=True, capture_output=True)
+    for name in ("uniref50.xml.gz", "uniref90.fasta.gz"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    read_membership(tmp_path / "a" / "uniref50.xml.gz", tmp_path / "got.parquet")
+    got = pl.read_parquet(tmp_path / "got.parquet").sort("rep50", "rep90")
+    expected = pl.read_parquet(tmp_path / "a" / "membership.parquet")
+    assert got.equals(expected)
+    assert got.get_column("uniprot_entries").sum() < 2_692  # some members are UniParc ones
+    assert got.get_column("rep50").n_unique() > 100
