@@ -57,56 +57,63 @@ def iter_entries(path: str | Path) -> Iterator[Entry]:
     are :class:`InputFormatError` lines naming the file and the entry.
     """
     path = Path(path)
-    current: str | None = None
+    current: str | None = None  # the entry being read (for messages)
+    done: str | None = None  # the last entry read whole
     line = 0
     counts: Counter[str] = Counter()
     members = 0
+    member_tags = (f"{NS}member", f"{NS}representativeMember")
     try:
         with _open(path) as stream:
-            events = etree.iterparse(stream, events=("start", "end"), tag=(
-                f"{NS}entry", f"{NS}dbReference", f"{NS}member", f"{NS}representativeMember"),
-                huge_tree=True, resolve_entities=False, no_network=True)
-            for event, elem in events:
-                if elem.tag in (f"{NS}member", f"{NS}representativeMember"):
-                    if event == "end":
-                        _drop(elem)  # a finished member (and every earlier one) is freed
-                    continue
-                if elem.tag == f"{NS}entry":
-                    if event == "start":
-                        current, line = elem.get("id"), elem.sourceline or 0
-                        counts, members = Counter(), 0
-                        if not current:
-                            raise InputFormatError(f"{path}: line {line}: an entry without an id")
-                        continue
-                    if not members:
-                        raise InputFormatError(f"{path}: entry {current} (line {line}): no "
-                                               "members")
-                    yield Entry(current, line, dict(counts))
+            events = etree.iterparse(stream, events=("end",), tag=(f"{NS}entry", *member_tags),
+                                     huge_tree=True, resolve_entities=False, no_network=True)
+            for _, elem in events:
+                if elem.tag != f"{NS}entry":  # a finished member: count it, then free it
+                    if current is None:
+                        entry = elem.getparent()
+                        current, line = entry.get("id") or "?", entry.sourceline or 0
+                    counts[_uniref90(path, elem, current, line)] += _is_uniprot(elem)
+                    members += 1
                     _drop(elem)
-                    current = None
                     continue
-                if event == "start" or current is None:
-                    continue
-                rep90 = uniprot = None
-                for prop in elem.iter(f"{NS}property"):
-                    if prop.get("type") == "UniRef90 ID":
-                        rep90 = prop.get("value")
-                uniprot = elem.get("type") == "UniProtKB ID"
-                if not rep90:
-                    raise InputFormatError(
-                        f"{path}: entry {current} (line {line}): member {elem.get('id')} "
-                        f"(line {elem.sourceline}) has no UniRef90 ID")
-                counts[rep90] += int(uniprot)
-                members += 1
+                current, line = elem.get("id") or "?", elem.sourceline or 0
+                if not members:
+                    raise InputFormatError(f"{path}: entry {current} (line {line}): no members")
+                yield Entry(current, line, dict(counts))
+                _drop(elem)
+                done, current, counts, members = current, None, Counter(), 0
     except etree.XMLSyntaxError as err:
-        where = f"after entry {current} (line {line})" if current else "at the top"
+        where = (f"in entry {current} (line {line})" if current else
+                 f"after entry {done}" if done else "before the first entry")
         raise InputFormatError(f"{path}: truncated or malformed XML {where}: "
                                f"{err.msg.splitlines()[0] if err.msg else err}") from None
     except (EOFError, zlib.error, gzip.BadGzipFile) as err:
         raise InputFormatError(f"{path}: truncated or corrupt gzip after entry {current} "
                                f"(line {line}): {err}") from None
-    if current is not None:
-        raise InputFormatError(f"{path}: truncated XML: entry {current} (line {line}) never ends")
+
+
+def _reference(member: etree._Element) -> etree._Element | None:
+    for child in member:
+        if child.tag == f"{NS}dbReference":
+            return child
+    return None
+
+
+def _is_uniprot(member: etree._Element) -> int:
+    ref = _reference(member)
+    return int(ref is not None and ref.get("type") == "UniProtKB ID")
+
+
+def _uniref90(path: Path, member: etree._Element, entry: str, line: int) -> str:
+    """The UniRef90 id a member's dbReference carries (a one-line error when it has none)."""
+    ref = _reference(member)
+    if ref is not None:
+        for prop in ref:
+            if prop.get("type") == "UniRef90 ID":
+                return prop.get("value")
+    ident = ref.get("id") if ref is not None else "?"
+    raise InputFormatError(f"{path}: entry {entry} (line {line}): member {ident} "
+                           f"(line {member.sourceline}) has no UniRef90 ID")
 
 
 def _drop(elem: etree._Element) -> None:
