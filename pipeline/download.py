@@ -191,9 +191,15 @@ def fetch(
     return FetchResult(url, str(dest), digest.size, digest.md5, digest.sha256, False)
 
 
-def _fetch_release_file(url: str, raw: Path, policy: RetryPolicy) -> tuple[dict, str]:
-    """Fetch a small release file (checksum list, release notes): its record and its text."""
-    name = url.rstrip("/").rsplit("/", 1)[-1] or "release-file"
+def _fetch_release_file(url: str, raw: Path, policy: RetryPolicy,
+                        qualify: bool = False) -> tuple[dict, str]:
+    """Fetch a small release file (checksum list, release notes): its record and its text.
+    ``qualify``: name it ``<parent dir>-<name>`` (several release files of one name)."""
+    parts = urlparse(url).path.rstrip("/").rsplit("/", 2) if "://" in url else str(
+        url).rstrip("/").rsplit("/", 2)
+    name = parts[-1] or "release-file"
+    if qualify and len(parts) > 1 and parts[-2]:
+        name = f"{parts[-2]}-{name}"
     res = fetch(url, raw / name, policy=policy)
     record = {**res.record(), "path": name}
     return record, Path(res.path).read_text(encoding="utf-8", errors="replace")
@@ -207,8 +213,8 @@ def _expected_digests(cfg: BuildConfig, published: dict[str, dict[str, str]]) ->
             entry = published.get(item.file_name)
             if entry is None and not (md5 or sha256):
                 raise DownloadError(
-                    f"{cfg.release.checksums_url}: no checksum listed for {item.file_name}"
-                )
+                    f"{', '.join(cfg.release.checksum_urls)}: no checksum listed for "
+                    f"{item.file_name}")
             entry = entry or {}
             md5, sha256 = md5 or entry.get("md5"), sha256 or entry.get("sha256")
         out.append({"md5": md5, "sha256": sha256})
@@ -230,9 +236,10 @@ def run(cfg: BuildConfig) -> dict:
         found = parse_release(text)
         release = {"name": cfg.release.name or found["name"], "date": found["date"]}
         meta_files.append(record)
-    if cfg.release.checksums_url:
-        record, text = _fetch_release_file(cfg.release.checksums_url, raw, policy)
-        published = parse_checksum_list(text, cfg.release.checksums_url)
+    names = [u.rstrip("/").rsplit("/", 1)[-1] for u in cfg.release.checksum_urls]
+    for url in cfg.release.checksum_urls:
+        record, text = _fetch_release_file(url, raw, policy, qualify=len(set(names)) < len(names))
+        published.update(parse_checksum_list(text, url))
         meta_files.append(record)
     results = []
     for item, expected in zip(cfg.inputs, _expected_digests(cfg, published), strict=True):

@@ -18,6 +18,17 @@ UNIREF100 = "UniRef100_"
 _PREFIX = {50: UNIREF50, 90: UNIREF90}
 
 
+#: clusters.parquet's column under cluster.source uniref: the UniProtKB entries a row (one
+#: UniRef90 cluster) stands for; under the MMseqs2 source every row is one entry
+ENTRIES = "uniprot_entries"
+
+
+def entries_sum(columns: list[str]) -> pl.Expr:
+    """The UniProtKB entries of a group of clusters.parquet rows (an aggregation)."""
+    return pl.col(ENTRIES).sum().cast(pl.Int64) if ENTRIES in columns else pl.len().cast(
+        pl.Int64)
+
+
 def uniref_id(level: int, accession: pl.Expr) -> pl.Expr:
     """``UniRef<level>_<accession>``: the id of the cluster an accession represents."""
     return _PREFIX[level] + accession

@@ -387,7 +387,7 @@ def run(cfg: BuildConfig, part: int | None = None, merge: bool = False) -> dict:
     merge of all parts, so that a build's inputs are parsed as parallel jobs (the Snakefile's
     ``ingest_part`` rule)."""
     opts = cfg.ingest
-    inputs = [cfg.raw_path(item) for item in cfg.inputs]
+    inputs = [cfg.raw_path(item) for item in cfg.fasta_inputs]
     if part is not None:
         return ingest_part(inputs, part, cfg.out.ingest_part(part), on_error=opts.on_error,
                            chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes)

@@ -45,7 +45,7 @@ from pipeline.build_dir import SPLITS, BuildDir
 from pipeline.checksums import sha256_file
 from pipeline.config import BuildConfig, ShardsConfig
 from pipeline.errors import PipelineError
-from pipeline.ids import accession_of, cluster_hash, order_key
+from pipeline.ids import ENTRIES, accession_of, cluster_hash, entries_sum, order_key
 from pipeline.partition import BucketWriter
 from pipeline.progress import format_sizeof, progress_bar
 
@@ -237,9 +237,10 @@ def _uniref90_rows(out: BuildDir, tmp: Path, n_buckets: int) -> list[Path | None
     by_acc = pl.col("acc").hash(seed=7) % n_buckets
     carry: pl.DataFrame | None = None
     with BucketWriter(tmp, "rows", n_buckets) as rows, BucketWriter(tmp, "seqs", n_buckets) as seqs:
-        for batch in pq.ParquetFile(out.clusters).iter_batches(
-            _BATCH, columns=["rep90", "rep50"]
-        ):
+        columns = ["rep90", "rep50"]
+        if ENTRIES in pq.ParquetFile(out.clusters).schema_arrow.names:
+            columns.append(ENTRIES)
+        for batch in pq.ParquetFile(out.clusters).iter_batches(_BATCH, columns=columns):
             df = pl.from_arrow(batch)
             if carry is not None:
                 df = pl.concat([carry, df])
@@ -259,7 +260,7 @@ def _uniref90_rows(out: BuildDir, tmp: Path, n_buckets: int) -> list[Path | None
 
 def _count(df: pl.DataFrame) -> pl.DataFrame:
     return df.group_by("rep90", maintain_order=True).agg(
-        pl.col("rep50").first(), pl.len().cast(pl.Int64).alias("entries")
+        pl.col("rep50").first(), entries_sum(df.columns).alias("entries")
     ).with_columns(accession_of(90, pl.col("rep90")).alias("acc"))
 
 

@@ -14,6 +14,7 @@ entry of 10^5 members never exists as a tree), and rows leave for a Parquet file
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -25,9 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from lxml import etree
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, scratch_dir, write_text_atomic
+from pipeline.build_dir import BuildDir
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
+from pipeline.ids import ENTRIES, uniref_id
+from pipeline.stats import size_stats
 
 NS = "{http://uniprot.org/uniref}"
 SCHEMA = pa.schema([("rep50", pa.string()), ("rep90", pa.string()),
@@ -157,3 +161,75 @@ def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK
                                    f"{rep50[1]}")
     return {"uniref50_entries": entries, "uniref90_clusters": clusters,
             "uniprot_members": members}
+
+
+def cluster_from_uniref(out_dir: str | Path, xml: Path, on_error: str = "fail") -> dict:
+    """The cluster stage of ``cluster.source: uniref``: UniProt's UniRef50 membership of the
+    ingested UniRef90 representatives (``uniref90.fasta.gz``) as ``clusters.parquet`` (with
+    ``uniprot_entries`` per UniRef90 cluster, so the shards' entry counts stay UniProt's), and
+    an empty ``cluster_links.parquet`` (UniRef50 already is the 50% rule).
+
+    A UniRef90 cluster of the XML with no FASTA record, and a FASTA record in no UniRef50
+    entry, are one-line errors (``ingest.on_error: skip``: counted in ``stats/cluster.json`` and
+    left out)."""
+    out = BuildDir(out_dir)
+    out.require(out.sequences, out.records, xml)
+    with scratch_dir(out, "cluster") as tmp:
+        info = read_membership(xml, tmp / "membership.parquet")
+        membership = pl.read_parquet(tmp / "membership.parquet")
+    records = pl.read_parquet(out.records, columns=["accession", "rep_accession"])
+    joined = (
+        records.with_columns(uniref_id(90, pl.col("accession")).alias("rep90"))
+        .join(membership, on="rep90", how="full", coalesce=True)
+    )
+    problems = {
+        "uniref90_without_record": joined.filter(pl.col("accession").is_null()),
+        "records_in_no_uniref50": joined.filter(pl.col("rep50").is_null()),
+    }
+    skipped = {}
+    for kind, rows in problems.items():
+        if rows.is_empty():
+            continue
+        first = rows.sort("rep90").row(0, named=True)
+        message = (f"{xml}: entry {first['rep50']}: {first['rep90']} has no record in the "
+                   "UniRef90 FASTA" if kind == "uniref90_without_record" else
+                   f"{out.records}: record {first['accession']} ({first['rep90']}) is in no "
+                   f"UniRef50 entry of {xml}")
+        if on_error == "fail":
+            raise InputFormatError(f"{message} ({rows.height} such)")
+        skipped[kind] = rows.height
+    collapsed = joined.filter(pl.col("accession").is_not_null() & pl.col("rep50").is_not_null()
+                              & (pl.col("accession") != pl.col("rep_accession")))
+    if collapsed.height:
+        row = collapsed.row(0, named=True)
+        raise InputFormatError(f"{out.records}: {row['rep90']} has the sequence of "
+                               f"UniRef90_{row['rep_accession']}: two UniRef90 clusters with one "
+                               "sequence (the UniRef90 FASTA and XML disagree)")
+    table = (
+        joined.filter(pl.col("accession").is_not_null() & pl.col("rep50").is_not_null())
+        .select("accession", "rep90", "rep50", pl.col(ENTRIES).cast(pl.Int64))
+        .sort("rep50", "rep90", "accession")
+    )
+    if table.is_empty():
+        raise InputFormatError(f"{xml}: no UniRef90 cluster of the XML has a FASTA record")
+    with atomic_path(out.clusters) as tmp_out:
+        table.write_parquet(tmp_out, compression="zstd", row_group_size=1_000_000)
+    links = pl.DataFrame(schema={"a": pl.String, "b": pl.String, "identity": pl.Float64})
+    with atomic_path(out.cluster_links) as tmp_out:
+        links.write_parquet(tmp_out, compression="zstd")
+    per50 = table.group_by("rep50").agg(pl.len().alias("uniref90"),
+                                        pl.col(ENTRIES).sum().alias("entries"))
+    # the MMseqs2 source's keys, sizes in UniProtKB entries (UniParc-only clusters count 1)
+    stats = {
+        "source": "uniref",
+        "xml": {"file": xml.name, **info},
+        "sequences": table.height,
+        "records": table.height,
+        "uniref90": size_stats(table.get_column(ENTRIES).clip(1)),
+        "uniref50": size_stats(per50.get_column("entries").clip(1)),
+        "uniref90_per_uniref50": size_stats(per50.get_column("uniref90")),
+        "skipped": skipped,
+        "alignment_links": 0,
+    }
+    write_text_atomic(out.stats("cluster"), json.dumps(stats, indent=2) + "\n")
+    return stats

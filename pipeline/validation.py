@@ -18,7 +18,7 @@ from pipeline.atomic import atomic_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
 from pipeline.config import BuildConfig, ValidationConfig
 from pipeline.errors import PipelineError
-from pipeline.ids import UNIREF90, accession_of, order_key
+from pipeline.ids import UNIREF90, accession_of, entries_sum, order_key
 from pipeline.shards import ARRAYS, ClusterSample, ShardWriter
 
 FILES = ("validation.fasta", "validation.parquet", "validation-000000.tar", "index.json",
@@ -47,13 +47,14 @@ def select_validation(out: BuildDir, cfg: ValidationConfig, seed: int) -> tuple[
         .head(cfg.size)
         .with_columns(accession_of(50, pl.col("cluster")).alias("accession"))
     )
-    clusters = pl.read_parquet(out.clusters, columns=["rep90", "rep50"]).filter(
+    clusters = pl.read_parquet(out.clusters).filter(
         pl.col("rep50").is_in(chosen.get_column("cluster").implode())
     )
-    entries = clusters.group_by("rep50").len().rename({"rep50": "cluster", "len": "entries"})
+    count = entries_sum(clusters.columns)
+    entries = clusters.group_by("rep50").agg(count.alias("entries")).rename({"rep50": "cluster"})
     member = (
         clusters.filter(accession_of(90, pl.col("rep90")) == accession_of(50, pl.col("rep50")))
-        .group_by("rep50").len().rename({"rep50": "cluster", "len": "member_entries"})
+        .group_by("rep50").agg(count.alias("member_entries")).rename({"rep50": "cluster"})
     )
     seqs = pl.read_parquet(out.sequences, columns=["accession", "sequence"])
     table = (

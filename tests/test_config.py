@@ -12,7 +12,7 @@ from tests.helpers import REPO
 MINIMAL = {"build": "b", "out_dir": "out", "inputs": [{"url": "x.fasta.gz"}]}
 
 
-@pytest.mark.parametrize("name", ["sample.yaml", "uniprot.yaml"])
+@pytest.mark.parametrize("name", ["sample.yaml", "uniprot.yaml", "uniref.yaml"])
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_config(REPO / "config" / name)
     assert cfg.inputs
@@ -79,3 +79,20 @@ def test_show_config_into_a_closed_pipe_is_quiet() -> None:
     proc.stdout.close()  # the reader is gone before anything is written
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0 and b"Traceback" not in err, err.decode()
+
+
+def test_cluster_source_and_input_roles_agree(tmp_path) -> None:
+    from pipeline.config import parse_config
+
+    base = {"build": "b", "out_dir": str(tmp_path)}
+    xml = {"url": "uniref50.xml.gz", "role": "uniref50_xml"}
+    fasta = {"url": "uniref90.fasta.gz"}
+    cfg = parse_config({**base, "inputs": [xml, fasta], "cluster": {"source": "uniref"}})
+    assert [f.file_name for f in cfg.fasta_inputs] == ["uniref90.fasta.gz"]
+    assert cfg.uniref_xml == tmp_path / "raw" / "uniref50.xml.gz"
+    with pytest.raises(ConfigError, match="needs exactly one input with role uniref50_xml"):
+        parse_config({**base, "inputs": [fasta], "cluster": {"source": "uniref"}})
+    with pytest.raises(ConfigError, match=r"which only cluster\.source: uniref reads"):
+        parse_config({**base, "inputs": [xml, fasta]})
+    with pytest.raises(ConfigError, match="no FASTA input"):
+        parse_config({**base, "inputs": [xml], "cluster": {"source": "uniref"}})

@@ -193,3 +193,29 @@ def test_download_stage_404(server: FileServer, tmp_path: Path, capsys) -> None:
     server.behaviour.files.clear()
     assert main(["download", "--config", str(cfg)]) == 1
     assert "HTTP 404 Not Found" in capsys.readouterr().err
+
+
+def test_checksums_from_several_release_files(server: FileServer, tmp_path: Path) -> None:
+    """A UniRef build: uniref50/RELEASE.metalink and uniref90/RELEASE.metalink, merged; kept
+    under raw/ as uniref50-RELEASE.metalink and uniref90-RELEASE.metalink."""
+    other = b">UniRef90_P1 x n=1 RepID=P1\nMKV\n"
+    server.behaviour.files["/uniref90/other.dat"] = other
+    server.behaviour.files["/uniref50/RELEASE.metalink"] = METALINK.format(
+        size=len(PAYLOAD), md5=hashlib.md5(PAYLOAD).hexdigest(), url="x",
+        zero="0" * 32).encode()
+    server.behaviour.files["/uniref90/RELEASE.metalink"] = METALINK.replace(
+        'name="data.fasta.gz"', 'name="unused.gz"').format(
+        size=0, md5="0" * 32, url="x", zero=hashlib.md5(other).hexdigest()).encode()
+    server.behaviour.files["/uniref50/data.fasta.gz"] = PAYLOAD
+    cfg = yaml.safe_load(_config(tmp_path, server.base, checksums_url=[
+        f"{server.base}/uniref50/RELEASE.metalink",
+        f"{server.base}/uniref90/RELEASE.metalink"]).read_text())
+    cfg["inputs"] = [{"url": f"{server.base}/uniref50/data.fasta.gz"},
+                     {"url": f"{server.base}/uniref90/other.dat"}]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["download", "--config", str(path)]) == 0
+    record = json.loads((tmp_path / "build/raw/download.json").read_text())
+    assert [i["verified_with"] for i in record["inputs"]] == [["md5"], ["md5"]]
+    assert sorted(f["path"] for f in record["release_files"]) == [
+        "uniref50-RELEASE.metalink", "uniref90-RELEASE.metalink"]

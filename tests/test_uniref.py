@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,104 @@ def test_a_release_made_from_real_records_reads_back_exactly(tmp_path: Path) -> 
     assert got.equals(expected)
     assert got.get_column("uniprot_entries").sum() < 2_692  # some members are UniParc ones
     assert got.get_column("rep50").n_unique() > 100
+
+
+def uniref_build(release: Path, out: Path, on_error: str = "fail") -> Path:
+    """A build config of cluster.source uniref over a release made by the maker script."""
+    import yaml
+
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump({
+        "build": out.name, "out_dir": str(out), "manifest_dir": str(out.parent / "manifests"),
+        "inputs": [{"url": str(release / "uniref50.xml.gz"), "role": "uniref50_xml"},
+                   {"url": str(release / "uniref90.fasta.gz")}],
+        "ingest": {"on_error": on_error},
+        "cluster": {"source": "uniref"},
+        "split": {"valid_fraction": 0.1, "test_fraction": 0.1, "link_method": "alignments"},
+        "leakage": {"max_fraction": 1.0},
+        "validation": {"size": 50},
+    }))
+    return config
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    source = shared_file("openfold_msa_uniprot_hits.fasta.gz")
+    out = tmp_path_factory.mktemp("release")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_uniref_release.py"), str(out),
+                    str(source)], check=True, capture_output=True)
+    return out
+
+
+@pytest.mark.heavy
+def test_a_uniref_build_makes_each_uniref50_entry_one_sample(release: Path,
+                                                              tmp_path: Path) -> None:
+    """cluster.source uniref: the build's clusters are the XML's membership exactly; every
+    UniRef50 entry is one sample in exactly one split, with UniProt's entry counts; the shards
+    read back through the contract's reader; a rebuild gives the same bytes."""
+    from pipeline.cli import main
+    from pipeline.shard_reader import ShardReader, SplitIndex
+
+    manifests = []
+    for name in ("one", "two"):
+        config = uniref_build(release, tmp_path / name)
+        for stage in ("download", "ingest", "cluster", "split", "check-leakage", "shards",
+                      "validation", "manifest"):
+            assert main([stage, "--config", str(config)]) == 0, stage
+        manifests.append(json.loads((tmp_path / "manifests" / f"{name}.json").read_text()))
+    out = tmp_path / "one"
+    expected = pl.read_parquet(release / "membership.parquet")
+    clusters = pl.read_parquet(out / "clusters.parquet")
+    assert clusters.select("rep50", "rep90", "uniprot_entries").sort("rep50", "rep90").equals(
+        expected)
+    seen: dict[str, str] = {}
+    for split in ("train", "valid", "test"):
+        index = SplitIndex(out / "shards" / split)
+        reader = ShardReader(index)
+        for i in range(len(index)):
+            sample = reader.read(i)
+            assert sample.cluster not in seen
+            seen[sample.cluster] = split
+            rows = expected.filter(pl.col("rep50") == sample.cluster)
+            assert sorted(sample.members) == sorted(rows.get_column("rep90"))
+            assert sample.uniprot_entries == rows.get_column("uniprot_entries").sum()
+    assert set(seen) == set(expected.get_column("rep50"))
+    assert len(set(seen.values())) == 3
+    one, two = ({o["path"]: o["sha256"] for o in m["outputs"]} for m in manifests)
+    assert one == two
+    stats = json.loads((out / "stats" / "cluster.json").read_text())
+    assert stats["source"] == "uniref" and stats["skipped"] == {}
+    assert main(["verify", str(tmp_path / "manifests" / "one.json")]) == 0
+
+
+@pytest.mark.heavy
+def test_uniref_consistency_errors_fail_or_are_counted(release: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A UniRef90 cluster of the XML without a FASTA record: one line naming the entry (the
+    default), or counted in stats/cluster.json and left out (ingest.on_error: skip)."""
+    from pipeline.cli import main
+
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "uniref50.xml.gz").write_bytes((release / "uniref50.xml.gz").read_bytes())
+    text = gzip.decompress((release / "uniref90.fasta.gz").read_bytes()).decode()
+    records = text.split("\n>")
+    dropped = records[5].split()[0]
+    (cut / "uniref90.fasta.gz").write_bytes(gzip.compress(
+        "\n>".join(records[:5] + records[6:]).encode(), mtime=0))
+    config = uniref_build(cut, tmp_path / "strict")
+    for stage in ("download", "ingest"):
+        assert main([stage, "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["cluster", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("esm2-data: error: ")
+    assert f"{dropped} has no record in the UniRef90 FASTA (1 such)" in err[0]
+    assert not (tmp_path / "strict" / "clusters.parquet").exists()
+    config = uniref_build(cut, tmp_path / "lenient", on_error="skip")
+    for stage in ("download", "ingest", "cluster"):
+        assert main([stage, "--config", str(config)]) == 0
+    stats = json.loads((tmp_path / "lenient" / "stats" / "cluster.json").read_text())
+    assert stats["skipped"] == {"uniref90_without_record": 1}
+    clusters = pl.read_parquet(tmp_path / "lenient" / "clusters.parquet")
+    assert dropped not in set(clusters.get_column("rep90"))
