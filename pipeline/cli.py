@@ -72,6 +72,15 @@ def _ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("export-table")
+def _export_table(args: argparse.Namespace) -> int:
+    from pipeline.export import export_table
+
+    rows = export_table(_config(args).out_dir, args.split, args.out, args.format)
+    print(f"{args.split}: {rows} UniRef90 clusters (ur50_id, ur90_id, sequence) -> {args.out}")
+    return 0
+
+
 @_command("cluster")
 def _cluster(args: argparse.Namespace) -> int:
     stats = _run("cluster", args)
@@ -233,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("stats", help="readable summary of a manifest")
     p.add_argument("manifest", type=Path)
+
+    p = sub.add_parser("export-table", help="one split as (ur50_id, ur90_id, sequence) rows "
+                       "(BioNeMo's ESM-2 table, HF datasets)")
+    p.add_argument("--config", required=True, help="build config YAML")
+    p.add_argument("--split", required=True, choices=["train", "valid", "test"])
+    p.add_argument("--format", default="parquet", choices=["parquet", "tsv"])
+    p.add_argument("--out", required=True, type=Path, help="output file")
 
     p = sub.add_parser("mmseqs-version", help="print the MMseqs2 binary in use and its version")
     p.add_argument("--mmseqs", help="explicit path to the binary")

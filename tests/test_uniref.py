@@ -190,6 +190,19 @@ def test_a_uniref_build_makes_each_uniref50_entry_one_sample(release: Path,
     stats = json.loads((out / "stats" / "cluster.json").read_text())
     assert stats["source"] == "uniref" and stats["skipped"] == {}
     assert main(["verify", str(tmp_path / "manifests" / "one.json")]) == 0
+    # BioNeMo's table of a split: one row per UniRef90 cluster of the split's UniRef50 clusters
+    table = tmp_path / "train.parquet"
+    assert main(["export-table", "--config", str(tmp_path / "one.yaml"), "--split", "train",
+                 "--out", str(table)]) == 0
+    rows = pl.read_parquet(table)
+    assert rows.columns == ["ur50_id", "ur90_id", "sequence"]
+    train = {c for c, s in seen.items() if s == "train"}
+    assert set(rows.get_column("ur50_id")) == train
+    assert rows.height == expected.filter(pl.col("rep50").is_in(list(train))).height
+    fasta = dict(line.split("\n", 1) for line in gzip.decompress(
+        (release / "uniref90.fasta.gz").read_bytes()).decode().lstrip(">").split("\n>"))
+    by_id = {head.split()[0]: seq.replace("\n", "") for head, seq in fasta.items()}
+    assert all(by_id[u] == q for u, q in rows.select("ur90_id", "sequence").iter_rows())
 
 
 @pytest.mark.heavy
