@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from pipeline.build_dir import BuildDir
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
 from pipeline.ids import ENTRIES, uniref_id
+from pipeline.partition import BucketWriter
 from pipeline.stats import size_stats
 
 NS = "{http://uniprot.org/uniref}"
@@ -129,13 +131,19 @@ def _drop(elem: etree._Element) -> None:
             del parent[0]
 
 
-def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK_ROWS) -> dict:
+def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK_ROWS,
+                    bucket_bytes: int = 256 << 20) -> dict:
     """Write (rep50, rep90, uniprot_entries) for every UniRef90 cluster of the UniRef50 XML at
     ``path`` to the Parquet file ``dest`` (atomically); returns counts. A UniRef90 cluster in two
-    UniRef50 entries is an error naming both (checked on the written file, not in memory)."""
+    UniRef50 entries is an error naming both: the rows are also partitioned on disk by UniRef90
+    id (one partition per ``bucket_bytes`` of XML file), and each partition is checked alone, so
+    memory stays bounded at any release size."""
     rows: dict[str, list] = {"rep50": [], "rep90": [], "uniprot_entries": []}
     entries = clusters = members = 0
-    with atomic_path(dest) as tmp:
+    n_buckets = max(1, math.ceil(Path(path).stat().st_size / bucket_bytes))
+    by_rep90 = pl.col("rep90").hash(seed=0) % n_buckets
+    with (atomic_path(dest) as tmp, scratch_dir(Path(dest).parent, "uniref") as scratch,
+          BucketWriter(scratch, "rep90", n_buckets) as buckets):
         writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
         try:
             for entry in iter_entries(path):
@@ -147,20 +155,32 @@ def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK
                     members += count
                 clusters += len(entry.uniref90)
                 if len(rows["rep90"]) >= chunk_rows:
-                    writer.write_table(pa.table(rows, schema=SCHEMA))
+                    _flush(rows, writer, buckets, by_rep90)
                     rows = {k: [] for k in rows}
-            writer.write_table(pa.table(rows, schema=SCHEMA))
+            _flush(rows, writer, buckets, by_rep90)
         finally:
             writer.close()
-        twice = (pl.scan_parquet(tmp).group_by("rep90")
-                 .agg(pl.col("rep50").sort(), pl.len()).filter(pl.col("len") > 1)
-                 .sort("rep90").head(1).collect(engine="streaming"))
-        if twice.height:
-            rep90, rep50 = twice.row(0)[:2]
-            raise InputFormatError(f"{path}: {rep90} is a member of {rep50[0]} and of "
-                                   f"{rep50[1]}")
+        for part in buckets.close():
+            if part is not None:
+                _check_unique(path, pl.read_parquet(part))
     return {"uniref50_entries": entries, "uniref90_clusters": clusters,
             "uniprot_members": members}
+
+
+def _flush(rows: dict[str, list], writer: pq.ParquetWriter, buckets: BucketWriter,
+           by_rep90: pl.Expr) -> None:
+    table = pa.table(rows, schema=SCHEMA)
+    writer.write_table(table)
+    buckets.write(pl.from_arrow(table).select("rep90", "rep50"), by_rep90)
+
+
+def _check_unique(path: str | Path, part: pl.DataFrame) -> None:
+    """One partition's UniRef90 ids each belong to one UniRef50 entry."""
+    twice = (part.group_by("rep90").agg(pl.col("rep50").sort(), pl.len())
+             .filter(pl.col("len") > 1).sort("rep90"))
+    if twice.height:
+        rep90, rep50 = twice.row(0)[:2]
+        raise InputFormatError(f"{path}: {rep90} is a member of {rep50[0]} and of {rep50[1]}")
 
 
 def cluster_from_uniref(out_dir: str | Path, xml: Path, on_error: str = "fail") -> dict:

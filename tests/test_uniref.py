@@ -58,7 +58,7 @@ def test_membership_counts_uniprot_members_per_uniref90(tmp_path: Path, gz: bool
         ("UniRef50_P1", {"UniRef90_P1": 2, "UniRef90_Q9": 1}),
         ("UniRef50_R5", {"UniRef90_UPI0000000002": 0}),  # a UniParc-only cluster
     ]
-    stats = read_membership(xml, tmp_path / "m.parquet", chunk_rows=1)
+    stats = read_membership(xml, tmp_path / "m.parquet", chunk_rows=1, bucket_bytes=64)
     assert stats == {"uniref50_entries": 2, "uniref90_clusters": 3, "uniprot_members": 3}
     assert pl.read_parquet(tmp_path / "m.parquet").rows() == [
         ("UniRef50_P1", "UniRef90_P1", 2), ("UniRef50_P1", "UniRef90_Q9", 1),
@@ -236,3 +236,15 @@ def test_uniref_consistency_errors_fail_or_are_counted(release: Path, tmp_path: 
     assert stats["skipped"] == {"uniref90_without_record": 1}
     clusters = pl.read_parquet(tmp_path / "lenient" / "clusters.parquet")
     assert dropped not in set(clusters.get_column("rep90"))
+
+
+def test_a_uniref90_in_two_entries_is_found_across_partitions(tmp_path: Path) -> None:
+    entries = [entry(f"UniRef50_E{i}", member("member", "UniProtKB ID", f"M{i}",
+                                               f"UniRef90_M{i}", f"M{i}")) for i in range(40)]
+    entries.append(entry("UniRef50_Z", member("member", "UniProtKB ID", "M7", "UniRef90_M7",
+                                              "M7")))
+    xml = write(tmp_path / "twice.xml", HEAD + "".join(entries) + "</UniRef50>\n")
+    with pytest.raises(InputFormatError, match="UniRef90_M7 is a member of UniRef50_E7 and of "
+                                               "UniRef50_Z"):
+        read_membership(xml, tmp_path / "m.parquet", chunk_rows=3, bucket_bytes=256)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["twice.xml"]
