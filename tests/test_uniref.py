@@ -218,8 +218,9 @@ def test_uniref_consistency_errors_fail_or_are_counted(release: Path, tmp_path: 
     text = gzip.decompress((release / "uniref90.fasta.gz").read_bytes()).decode()
     records = text.split("\n>")
     dropped = records[5].split()[0]
+    extra = "UniRef90_X0STRAY stray n=1 RepID=X0STRAY\nMKVLAAGIVALLLAAGCSS"
     (cut / "uniref90.fasta.gz").write_bytes(gzip.compress(
-        "\n>".join(records[:5] + records[6:]).encode(), mtime=0))
+        "\n>".join(records[:5] + records[6:] + [extra]).encode(), mtime=0))
     config = uniref_build(cut, tmp_path / "strict")
     for stage in ("download", "ingest"):
         assert main([stage, "--config", str(config)]) == 0
@@ -233,9 +234,19 @@ def test_uniref_consistency_errors_fail_or_are_counted(release: Path, tmp_path: 
     for stage in ("download", "ingest", "cluster"):
         assert main([stage, "--config", str(config)]) == 0
     stats = json.loads((tmp_path / "lenient" / "stats" / "cluster.json").read_text())
-    assert stats["skipped"] == {"uniref90_without_record": 1}
+    assert stats["skipped"] == {"uniref90_without_record": 1, "records_in_no_uniref50": 1}
     clusters = pl.read_parquet(tmp_path / "lenient" / "clusters.parquet")
-    assert dropped not in set(clusters.get_column("rep90"))
+    assert not {dropped, "UniRef90_X0STRAY"} & set(clusters.get_column("rep90"))
+    # every cluster's record, and one more that no UniRef50 entry lists
+    (cut / "uniref90.fasta.gz").write_bytes(gzip.compress(
+        "\n>".join([*records, extra]).encode(), mtime=0))
+    config = uniref_build(cut, tmp_path / "stray")
+    for stage in ("download", "ingest"):
+        assert main([stage, "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["cluster", "--config", str(config)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "record X0STRAY (UniRef90_X0STRAY) is in no UniRef50 entry" in err
 
 
 def test_a_uniref90_in_two_entries_is_found_across_partitions(tmp_path: Path) -> None:
