@@ -38,7 +38,7 @@ from pipeline.stats import size_stats
 NS = "{http://uniprot.org/uniref}"
 SCHEMA = pa.schema([("rep50", pa.string()), ("rep90", pa.string()),
                     ("uniprot_entries", pa.int64())])
-_CHUNK_ROWS = 1 << 20
+_CHUNK_ROWS = 100_000  # membership rows buffered before a write
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def _drop(elem: etree._Element) -> None:
 
 
 def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK_ROWS,
-                    bucket_bytes: int = 256 << 20) -> dict:
+                    bucket_bytes: int = 32 << 20) -> dict:
     """Write (rep50, rep90, uniprot_entries) for every UniRef90 cluster of the UniRef50 XML at
     ``path`` to the Parquet file ``dest`` (atomically); returns counts. A UniRef90 cluster in two
     UniRef50 entries is an error naming both: the rows are also partitioned on disk by UniRef90
