@@ -181,6 +181,11 @@ class BuildConfig(Section):
                              "cluster.source: uniref reads")
         if not self.fasta_inputs:
             raise ValueError("inputs: no FASTA input (role fasta) to ingest")
+        if (self.cluster.source == "uniref"
+                and not {"link_identity", "link_method"} & self.split.model_fields_set):
+            # UniRef50 already is the 50% rule: no linking unless the config asks for it
+            return self.model_copy(update={"split": self.split.model_copy(
+                update={"link_identity": None})})
         return self
 
     @property

@@ -89,6 +89,11 @@ def test_cluster_source_and_input_roles_agree(tmp_path) -> None:
     fasta = {"url": "uniref90.fasta.gz"}
     cfg = parse_config({**base, "inputs": [xml, fasta], "cluster": {"source": "uniref"}})
     assert [f.file_name for f in cfg.fasta_inputs] == ["uniref90.fasta.gz"]
+    assert cfg.split.link_identity is None  # no linking by default for this source
+    linked = parse_config({**base, "inputs": [xml, fasta], "cluster": {"source": "uniref"},
+                           "split": {"link_method": "search"}})
+    assert linked.split.link_identity == 0.5 and linked.split.link_method == "search"
+    assert parse_config(MINIMAL).split.link_identity == 0.5  # the MMseqs2 source links
     assert cfg.uniref_xml == tmp_path / "raw" / "uniref50.xml.gz"
     with pytest.raises(ConfigError, match="needs exactly one input with role uniref50_xml"):
         parse_config({**base, "inputs": [fasta], "cluster": {"source": "uniref"}})
