@@ -55,7 +55,8 @@ def _stale_manifest_if_incomplete() -> None:
     manifest describes every output, so with one missing it no longer describes the build: it
     is moved aside (<build>.json.stale), and the stage that makes the missing file reruns, with
     everything that follows it."""
-    missing = [path.relative_to(OUT).as_posix() for path in B.outputs() if not path.exists()]
+    missing = [path.relative_to(OUT).as_posix() for path in B.outputs(bool(CFG.decontaminate))
+               if not path.exists()]
     if MANIFEST.exists() and missing:
         MANIFEST.replace(MANIFEST.with_name(MANIFEST.name + ".stale"))
         print(f"{OUT}: {', '.join(missing)} missing: {MANIFEST} moved aside (.stale); the "
@@ -165,10 +166,35 @@ rule check_leakage:
         stage("{ESM2_DATA} check-leakage --config {RESOLVED} --threads {threads}")
 
 
+# Only with `decontaminate:` sets: each set is searched against train, and every train split
+# group it hits leaves train (decontamination.parquet). Editing a set reruns this and what reads
+# it (shards, manifest), never the split.
+DECONTAMINATION = [B.decontamination] if CFG.decontaminate else []
+
+if CFG.decontaminate:
+
+    rule decontaminate:
+        input:
+            config=STAGE_CONFIG["decontaminate"],
+            splits=B.splits,
+            clusters=B.clusters,
+            sequences=B.sequences,
+            records=B.records,
+        output:
+            table=B.decontamination,
+            stats=B.stats("decontamination"),
+        log:
+            B.log("decontaminate"),
+        threads: CFG.threads
+        shell:
+            stage("{ESM2_DATA} decontaminate --config {RESOLVED} --threads {threads}")
+
+
 rule shards:
     input:
         config=STAGE_CONFIG["shards"],
         splits=B.splits,
+        decontamination=DECONTAMINATION,
         clusters=B.clusters,
         sequences=B.sequences,
         # the leakage check is a gate (it must pass first), not data: a re-check with another
@@ -208,6 +234,7 @@ rule manifest:
         clusters=B.clusters,
         links=B.cluster_links,
         splits=B.splits,
+        decontamination=DECONTAMINATION,
         shards=B.shards,
         shard_stats=B.stats("shards"),
         validation=B.validation,

@@ -15,6 +15,8 @@ from typing import ClassVar
 from pipeline.errors import PipelineError
 
 SPLITS = ("train", "valid", "test")  # the splits of a build, in this order
+# clusters kept out of every split (pinned out, or decontaminated): no shard holds them
+EXCLUDED = "excluded"
 
 
 @dataclass(frozen=True)
@@ -38,13 +40,19 @@ class BuildDir:
     RESOLVED_CONFIG = "build_config.yaml"
     STAGE_CONFIGS = "config"
     INGEST_PARTS = "ingest_parts"
+    EVALUATION_SETS = "raw/evaluation_sets"  # decontaminate's fetched sets (inputs, not outputs)
+    DECONTAMINATION = "decontamination.parquet"
+    DECONTAMINATION_STATS = "stats/decontamination.json"
 
     # what makes each file: named in the error when a stage's input is missing
     MADE_BY: ClassVar[dict[str, str]] = {
         DOWNLOAD_RECORD: "download", SEQUENCES: "ingest", RECORDS: "ingest",
         CLUSTERS: "cluster", CLUSTER_LINKS: "cluster", SPLIT_TABLE: "split",
         "stats/leakage.json": "check-leakage", SHARDS: "shards", VALIDATION: "validation",
+        DECONTAMINATION: "decontaminate", DECONTAMINATION_STATS: "decontaminate",
     }
+    # outputs only a build with ``decontaminate:`` sets has
+    OPTIONAL: ClassVar[tuple[str, ...]] = (DECONTAMINATION, DECONTAMINATION_STATS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))  # a str or PathLike too
@@ -123,9 +131,20 @@ class BuildDir:
         """Where ``esm2-data ingest --part index`` leaves input ``index``'s partitions."""
         return self.root / self.INGEST_PARTS / str(index)
 
-    def outputs(self) -> list[Path]:
-        """Every file or directory a finished build has (the manifest describes them all)."""
-        return [self.root / name for name in self.MADE_BY]
+    @property
+    def evaluation_sets(self) -> Path:
+        return self.root / self.EVALUATION_SETS
+
+    @property
+    def decontamination(self) -> Path:
+        """The train clusters the decontaminate stage moved out, with the hit that moved them."""
+        return self.root / self.DECONTAMINATION
+
+    def outputs(self, decontaminated: bool = False) -> list[Path]:
+        """Every file or directory a finished build has (the manifest describes them all);
+        ``decontaminated``: the build has ``decontaminate:`` sets."""
+        return [self.root / name for name in self.MADE_BY
+                if decontaminated or name not in self.OPTIONAL]
 
     def require(self, *paths: Path) -> None:
         """Raise a one-line error naming the first missing input and the stage that makes it."""

@@ -110,6 +110,19 @@ def _check_leakage(args: argparse.Namespace) -> int:
     return 0
 
 
+@_command("decontaminate")
+def _decontaminate(args: argparse.Namespace) -> int:
+    stats = _run("decontaminate", args)
+    for name, row in stats["sets"].items():
+        print(f"{name}: {row['sequences_with_hit']} of {row['sequences']} sequences hit train; "
+              f"{row['excluded']['uniref50_clusters']} UniRef50 clusters "
+              f"({row['excluded']['sequences']} records) leave train")
+    total = stats["excluded"]
+    print(f"excluded from train: {total['groups']} split groups, {total['uniref50_clusters']} "
+          f"UniRef50 clusters, {total['sequences']} records, {total['residues']} residues")
+    return 0
+
+
 @_command("shards")
 def _shards(args: argparse.Namespace) -> int:
     for name, row in _run("shards", args).items():
@@ -218,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("cluster", "MMseqs2 UniRef90 then UniRef50 clustering -> clusters.parquet"),
         ("split", "assign whole UniRef50 clusters to train/valid/test -> splits.parquet"),
         ("check-leakage", "search valid/test against train; fail above the configured bound"),
+        ("decontaminate", "move train groups hit by the evaluation sets out of train -> "
+                          "decontamination.parquet"),
         ("shards", "WebDataset shards, one sample per UniRef50 cluster -> shards/<split>/"),
     ):
         p = sub.add_parser(name, help=text)

@@ -86,12 +86,28 @@ class ClusterConfig(Section):
     uniref50: ClusterStage = ClusterStage(method="cluster", min_seq_id=0.5)
 
 
+PinnedSplit = Literal["train", "valid", "test", "excluded"]
+
+
+class PinList(Section):
+    """A list of IDs (one per line, ``#`` comments) whose UniRef50 clusters go to ``split``:
+    UniRef50 IDs (``UniRef50_P12345``: the cluster holding P12345 here, since a UniRef50
+    cluster is named after its representative) or UniProtKB accessions. ``excluded`` keeps
+    them out of every split (no shard holds them)."""
+
+    path: str
+    split: PinnedSplit
+
+
 class SplitConfig(Section):
     """Whole UniRef50 clusters go to train/valid/test by a seeded hash of the cluster id."""
 
     valid_fraction: float = Field(0.01, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.01, ge=0.0, lt=1.0)
-    pins: str | None = None  # (rep50, split) table (.parquet/.tsv) of a previous build to keep
+    # (id, split) table (.parquet/.tsv) to keep, e.g. a previous build's splits.parquet; ids as
+    # in pin_lists, split one of train/valid/test/excluded
+    pins: str | None = None
+    pin_lists: list[PinList] = Field(default_factory=list)  # e.g. ESM-2's held-out UniRef50
     # Link UniRef50 clusters whose sequences still hit each other (>= link_identity identity at
     # >= link_coverage coverage of the query) into one split group; null disables linking.
     link_identity: float | None = Field(0.5, ge=0.0, le=1.0)
@@ -124,6 +140,28 @@ class LeakageConfig(Section):
     identity_threshold: float = Field(0.5, ge=0.0, le=1.0)
     max_fraction: float = Field(0.05, ge=0.0, le=1.0)  # of queries with a hit >= threshold
     sensitivity: float = Field(7.5, gt=0.0)
+
+
+class EvaluationSet(Section):
+    """A named evaluation set (FASTA) to keep out of train: every train split group with a
+    sequence >= ``identity`` identical to one of its sequences, over >= ``coverage`` of the
+    evaluation sequence, is excluded. Fetched and checksummed like an input."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    url: str  # https://, http://, file:// URL or a local path
+    md5: str | None = None
+    sha256: str | None = None
+    identity: float = Field(0.5, ge=0.0, le=1.0)
+    coverage: float = Field(0.8, ge=0.0, le=1.0)  # of the evaluation sequence
+    sensitivity: float = Field(7.5, gt=0.0)  # MMseqs2 -s
+    # train hits aligned per evaluation sequence (MMseqs2 --max-seqs): a group is excluded when
+    # any of its sequences is hit, so this bounds how many distinct groups one sequence reaches
+    max_seqs: int = Field(1000, gt=0)
+
+    @property
+    def file_name(self) -> str:
+        tail = self.url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+        return f"{self.name}-{tail}"
 
 
 class ShardsConfig(Section):
@@ -163,6 +201,8 @@ class BuildConfig(Section):
     leakage: LeakageConfig = LeakageConfig()
     shards: ShardsConfig = ShardsConfig()
     validation: ValidationConfig = ValidationConfig()
+    # evaluation sets to decontaminate train against (the decontaminate stage runs when set)
+    decontaminate: list[EvaluationSet] = Field(default_factory=list)
     manifest_dir: str = "data_manifests"
     train: TrainTarget = TrainTarget()
 
@@ -179,6 +219,9 @@ class BuildConfig(Section):
         if self.cluster.source == "mmseqs" and xml:
             raise ValueError(f"inputs: {xml[0]} has role uniref50_xml, which only "
                              "cluster.source: uniref reads")
+        sets = [s.name for s in self.decontaminate]
+        if len(set(sets)) < len(sets):
+            raise ValueError("decontaminate: set names must be unique")
         if not self.fasta_inputs:
             raise ValueError("inputs: no FASTA input (role fasta) to ingest")
         if (self.cluster.source == "uniref"
@@ -232,6 +275,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "check_leakage": ("seed", "leakage", "cluster"),
     "shards": ("seed", "shards"),
     "validation": ("seed", "validation"),
+    "decontaminate": ("decontaminate", "download", "cluster"),
 }
 
 

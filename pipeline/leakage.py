@@ -8,7 +8,6 @@ distribution of each query's best-hit identity and the fraction at or above
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -21,21 +20,10 @@ from pipeline.config import BuildConfig, LeakageConfig
 from pipeline.errors import PipelineError
 from pipeline.ids import order_key
 from pipeline.mmseqs import MMseqs, write_indexed_fasta
+from pipeline.split import sequence_splits
+from pipeline.stats import identity_histogram
 
-IDENTITY_BINS = [0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0001]
-
-
-def _split_of_rows(out: BuildDir) -> pl.DataFrame:
-    """(row, accession, split) for every row of sequences.parquet."""
-    seqs = pl.read_parquet(out.sequences, columns=["accession"]).with_row_index("row")
-    clusters = pl.read_parquet(out.clusters, columns=["accession", "rep50"])
-    splits = pl.read_parquet(out.splits, columns=["rep50", "split"])
-    return (
-        seqs.join(clusters, on="accession", how="left")
-        .join(splits, on="rep50", how="left")
-        .select(pl.col("row").cast(pl.Int64), "accession", "split")
-    )
-
+HELD_OUT = ("valid", "test")  # the splits checked against train (not the excluded clusters)
 
 def _sample(rows: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
     if rows.height <= n:
@@ -52,10 +40,10 @@ def check_leakage(out_dir: str | Path, cfg: LeakageConfig, seed: int, threads: i
     """Search held-out sequences against train; write stats/leakage.json or fail."""
     out = BuildDir(out_dir)
     out.require(out.sequences, out.clusters, out.splits)
-    rows = _split_of_rows(out)
+    rows = sequence_splits(out).select("row", "accession", "split")
     if rows.get_column("split").null_count():
         raise PipelineError(f"{out}: sequences without a split (stale splits.parquet?)")
-    held_out = rows.filter(pl.col("split") != "train")
+    held_out = rows.filter(pl.col("split").is_in(HELD_OUT))
     queries = _sample(held_out, cfg.max_queries, seed)
     n = rows.height
     is_query = np.zeros(n, dtype=bool)
@@ -97,8 +85,6 @@ def _report(queries: pl.DataFrame, best: pl.DataFrame, rows: pl.DataFrame,
     values = ident.get_column("fident").drop_nulls().to_numpy()
     n = queries.height
     above = int((values >= cfg.identity_threshold).sum())
-    counts, _ = np.histogram(values, bins=IDENTITY_BINS)
-    labels = [f"{lo:.2f}-{min(hi, 1.0):.2f}" for lo, hi in itertools.pairwise(IDENTITY_BINS)]
     names = rows.select("row", "accession")
     worst = (
         best.sort(["fident", "query"], descending=[True, False]).head(10)
@@ -116,9 +102,7 @@ def _report(queries: pl.DataFrame, best: pl.DataFrame, rows: pl.DataFrame,
         "max_fraction": cfg.max_fraction,
         "at_or_above_threshold": above,
         "fraction_at_or_above_threshold": above / n if n else 0.0,
-        "best_hit_identity_histogram": {
-            "no_hit": n - len(values), **dict(zip(labels, counts.tolist(), strict=True))
-        },
+        "best_hit_identity_histogram": identity_histogram(values, n),
         "closest_pairs": worst.to_dicts(),
     }
 

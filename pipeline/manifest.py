@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline import __version__
 from pipeline.atomic import write_text_atomic
+from pipeline.build_dir import EXCLUDED
 from pipeline.checksums import sha256_file
 from pipeline.config import BuildConfig, config_to_dict, parse_config
 from pipeline.errors import PipelineError
@@ -22,7 +23,7 @@ STAGE_STATS = ("ingest", "cluster", "split", "leakage", "shards", "validation")
 # Every output a build leaves, relative to out_dir (globs for the shard sets).
 OUTPUT_PATTERNS = (
     "sequences.parquet", "records.parquet", "clusters.parquet", "cluster_links.parquet",
-    "splits.parquet",
+    "splits.parquet", "decontamination.parquet",
     "shards/*/index.json", "shards/*/*.tar", "shards/*/*.npy", "validation/*", "stats/*.json",
 )
 _REPO = Path(__file__).resolve().parents[1]
@@ -84,9 +85,10 @@ def list_outputs(out: Path) -> list[dict]:
 
 def build_manifest(cfg: BuildConfig) -> dict:
     out = cfg.out
-    out.require(out.download_record, *(out.stats(stage) for stage in STAGE_STATS))
+    stages = STAGE_STATS + (("decontamination",) if cfg.decontaminate else ())
+    out.require(out.download_record, *(out.stats(stage) for stage in stages))
     fetched = json.loads(out.download_record.read_text())
-    counts = {stage: json.loads(out.stats(stage).read_text()) for stage in STAGE_STATS}
+    counts = {stage: json.loads(out.stats(stage).read_text()) for stage in stages}
     return {
         "schema_version": SCHEMA_VERSION,
         "build": cfg.build,
@@ -194,7 +196,8 @@ def summary(manifest: dict) -> str:
         f"(largest UniRef50: {c['cluster']['uniref50']['max']:,} records)",
         "splits:",
     ]
-    for name, row in c["split"]["splits"].items():
+    pinned_out = {EXCLUDED: c["split"][EXCLUDED]} if EXCLUDED in c["split"] else {}
+    for name, row in {**c["split"]["splits"], **pinned_out}.items():
         lines.append(
             f"  {name:<6} {row['uniref50_clusters']:>10,} UniRef50 {row['uniref90_clusters']:>10,}"
             f" UniRef90 {row['sequences']:>11,} seqs {row['residues']:>14,} residues"
@@ -204,6 +207,17 @@ def summary(manifest: dict) -> str:
         f"leakage: {leak['fraction_at_or_above_threshold']:.2%} of {leak['queries']:,} held-out "
         f"sequences have a train hit >= {leak['identity_threshold']:.0%} identity"
     )
+    for name, row in c.get("decontamination", {}).get("sets", {}).items():
+        lines.append(
+            f"decontaminate {name}: {row['sequences_with_hit']:,} of {row['sequences']:,} "
+            f"sequences hit train at >= {row['identity']:.0%} identity; "
+            f"{row['excluded']['uniref50_clusters']:,} UniRef50 clusters "
+            f"({row['excluded']['sequences']:,} records) left train")
+    if "decontamination" in c:
+        total = c["decontamination"]["excluded"]
+        lines.append(f"decontaminated: {total['groups']:,} split groups, "
+                     f"{total['uniref50_clusters']:,} UniRef50 clusters, "
+                     f"{total['sequences']:,} records excluded from train")
     for name, row in c["shards"].items():
         lines.append(f"shards {name:<6} {row['shards']:>5} files {row['samples']:>10,} samples "
                      f"{row['bytes']:>14,} bytes")

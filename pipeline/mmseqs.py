@@ -201,15 +201,27 @@ class MMseqs:
         ``columns`` are MMseqs2 ``--format-output`` fields (``query``/``target`` come back as
         Int64 row numbers, the rest as Float64); ``args`` are extra ``search`` options.
         """
-        self.run("createdb", queries, work / "q", "--dbtype", "1", threads=False)
-        self.run("createdb", targets, work / "t", "--dbtype", "1", threads=False)
-        self.run("search", work / "q", work / "t", work / "res", work / "tmp", *args)
-        self.run("convertalis", work / "q", work / "t", work / "res", work / "hits.tsv",
-                 "--format-output", ",".join(columns))
+        return self.search_dbs(self.createdb(queries, work / "q"),
+                               self.createdb(targets, work / "t"), work, columns, *args)
+
+    def createdb(self, fasta: Path, db: Path) -> Path:
+        """An MMseqs2 amino-acid database of a FASTA file (in file order); returns ``db``."""
+        self.run("createdb", fasta, db, "--dbtype", "1", threads=False)
+        return db
+
+    def search_dbs(
+        self, queries: Path, targets: Path, work: Path, columns: Sequence[str], *args: str
+    ) -> pl.DataFrame:
+        """:meth:`search` between two databases of :meth:`createdb` (a target database
+        searched by several query sets is made once); results and scratch under ``work``."""
+        work.mkdir(parents=True, exist_ok=True)
+        res, hits = work / "res", work / "hits.tsv"
+        self.run("search", queries, targets, res, work / "tmp", *args)
+        self.run("convertalis", queries, targets, res, hits, "--format-output", ",".join(columns))
         schema = {c: pl.Int64 if c in ("query", "target") else pl.Float64 for c in columns}
-        if (work / "hits.tsv").stat().st_size == 0:  # no hit at all: a result, not an error
+        if hits.stat().st_size == 0:  # no hit at all: a result, not an error
             return pl.DataFrame(schema=schema)
-        return pl.read_csv(work / "hits.tsv", separator="\t", has_header=False,
+        return pl.read_csv(hits, separator="\t", has_header=False,
                            new_columns=list(columns), schema_overrides=schema)
 
 

@@ -41,13 +41,14 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipeline.atomic import atomic_dir, scratch_dir, write_text_atomic
-from pipeline.build_dir import SPLITS, BuildDir
+from pipeline.build_dir import EXCLUDED, SPLITS, BuildDir
 from pipeline.checksums import sha256_file
 from pipeline.config import BuildConfig, ShardsConfig
 from pipeline.errors import PipelineError
 from pipeline.ids import ENTRIES, accession_of, cluster_hash, entries_sum, order_key
 from pipeline.partition import BucketWriter
 from pipeline.progress import format_sizeof, progress_bar
+from pipeline.split import final_splits
 
 FIELD = "cluster.json"
 INDEX = "index.json"
@@ -305,14 +306,16 @@ def _samples(part: pl.DataFrame) -> Iterator[tuple[str, ClusterSample]]:
         yield split, ClusterSample(rep50, int(sum(entries)), members, entries, seqs)
 
 
-def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int) -> dict:
-    """Write ``<out>/shards/`` (all splits) from clusters, splits and sequences."""
+def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int,
+                 decontaminated: bool = False) -> dict:
+    """Write ``<out>/shards/`` (all splits) from clusters, splits and sequences; clusters
+    pinned or decontaminated out of every split (``excluded``) are in no shard."""
     out = BuildDir(out_dir)
     out.require(out.sequences, out.clusters, out.splits)
     n_buckets = max(1, math.ceil(out.sequences.stat().st_size * 3
                                  / cfg.bucket_bytes))
-    splits = pl.read_parquet(out.splits, columns=["rep50", "split"])
-    total = splits.height
+    splits = final_splits(out, decontaminated)
+    total = splits.filter(pl.col("split") != EXCLUDED).height
     with scratch_dir(out, "shards") as tmp, atomic_dir(out.shards) as dest:
         parts = _uniref90_rows(out, tmp, n_buckets)
         ordered = _joined_members(parts, splits, seed, tmp, n_buckets)
@@ -322,6 +325,8 @@ def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int) -> dict:
                 if path is None:
                     continue
                 for split, sample in _samples(pl.read_parquet(path)):
+                    if split == EXCLUDED:
+                        continue
                     writers[split].write(sample)
                     bar.update(1)
                 written = sum(w.bytes_written for w in writers.values())
@@ -337,4 +342,8 @@ def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int) -> dict:
 
 def run(cfg: BuildConfig) -> dict:
     """The shards stage of a build."""
-    return write_shards(cfg.out_dir, cfg.shards, cfg.seed)
+    out = cfg.out
+    if not cfg.decontaminate:  # sets removed from the config: their outputs describe nothing
+        out.decontamination.unlink(missing_ok=True)
+        out.stats("decontamination").unlink(missing_ok=True)
+    return write_shards(cfg.out_dir, cfg.shards, cfg.seed, bool(cfg.decontaminate))

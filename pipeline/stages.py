@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "cluster": "pipeline.cluster",
     "split": "pipeline.split",
     "check-leakage": "pipeline.leakage",
+    "decontaminate": "pipeline.decontaminate",
     "shards": "pipeline.shards",
     "validation": "pipeline.validation",
 }

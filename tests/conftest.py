@@ -55,7 +55,7 @@ def sample_build(tmp_path_factory: pytest.TempPathFactory) -> SampleBuild:
 
 
 # Modules whose tests build datasets with MMseqs2 or start DeepSpeed ranks (minutes, not seconds).
-HEAVY_MODULES = {"test_build", "test_cluster", "test_train"}
+HEAVY_MODULES = {"test_build", "test_cluster", "test_decontaminate", "test_train"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -7,7 +7,10 @@ import itertools
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from pipeline.generate import AMINO
 
 REPO = Path(__file__).resolve().parents[1]
 # ESM2_SHARED_DATA points the tests elsewhere; CI sets it to an empty directory for its second
@@ -83,3 +86,15 @@ def halves_of_sample(dest: Path) -> tuple[Path, Path, Path]:
     second = write_fasta(dest / "part-b.fasta.gz", text[cut:])
     both = write_fasta(dest / "both.fasta", text)
     return first, second, both
+
+
+LETTERS = np.frombuffer(AMINO.encode(), np.uint8)  # residue index -> byte
+
+
+def substitute(rng: np.random.Generator, seq: np.ndarray, identity: float) -> np.ndarray:
+    """Exactly round((1 - identity) * len) substitutions, no indels: full-length pairs
+    (``seq`` as residue indices into LETTERS)."""
+    out = seq.copy()
+    sites = rng.choice(len(seq), size=round((1 - identity) * len(seq)), replace=False)
+    out[sites] = (out[sites] + rng.integers(1, 20, size=len(sites))) % 20
+    return out

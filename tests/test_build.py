@@ -265,6 +265,62 @@ def test_a_deleted_intermediate_reruns_its_stage_and_what_follows(
     assert planned_jobs(tmp_path / "b", config) == expected
 
 
+def test_decontamination_under_snakemake_reruns_only_from_its_stage(
+        sample_build: SampleBuild, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decontaminate set adds its stage between split and shards; editing the set reruns it,
+    the shards and the manifest only; dropping it removes its outputs from the build."""
+    import yaml
+
+    root = tmp_path / "b"
+    config = copy_of_build(sample_build, root)
+    splits = pl.read_parquet(root / "build" / "splits.parquet")
+    clusters = pl.read_parquet(root / "build" / "clusters.parquet")
+    train_reps = (clusters.join(splits, on="rep50").filter(pl.col("split") == "train")
+                  .filter(pl.col("rep50") == "UniRef50_" + pl.col("accession"))
+                  .get_column("accession").sort().head(3).to_list())
+    sequences = pl.read_parquet(root / "build" / "sequences.parquet",
+                                columns=["accession", "sequence"])
+    chosen = sequences.filter(pl.col("accession").is_in(train_reps))
+    assert chosen.height == 3
+    evaluation = tmp_path / "copies.fasta"
+    evaluation.write_text("".join(f">EVAL_{a}\n{s}\n" for a, s in chosen.iter_rows()))
+    cfg = yaml.safe_load(config.read_text())
+    cfg["decontaminate"] = [{"name": "copies", "url": str(evaluation)}]
+    config.write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(root, config) == {"decontaminate", "shards", "manifest"}
+    result = snakemake(root, config)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    manifest = root / "manifests" / "sample.json"
+    paths = outputs(manifest)
+    assert {"decontamination.parquet", "stats/decontamination.json"} <= set(paths)
+    report = json.loads(manifest.read_text())["counts"]["decontamination"]
+    assert report["sets"]["copies"]["sequences_with_hit"] == 3
+    assert report["excluded"]["uniref50_clusters"] >= 3
+    assert main(["stats", str(manifest)]) == 0
+    text = capsys.readouterr().out
+    assert "decontaminate copies: 3 of 3 sequences hit train" in text
+    assert main(["verify", str(manifest), "--out-dir", str(root / "build")]) == 0
+    moved = set(pl.read_parquet(root / "build" / "decontamination.parquet").get_column("rep50"))
+    in_train = {s.cluster for s in iter_clusters(shard_paths(root / "build" / "shards" / "train"))}
+    assert {f"UniRef50_{a}" for a in train_reps} <= moved and not moved & in_train
+    monkeypatch.setenv("ESM2_MANIFEST", str(manifest))
+    monkeypatch.setenv("ESM2_BUILD_DIR", str(root / "build"))
+    assert run_notebook("dataset_report.ipynb") == 5  # the report's decontamination figure
+
+    cfg["decontaminate"][0]["identity"] = 0.9
+    config.write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(root, config) == {"decontaminate", "shards", "manifest"}
+    del cfg["decontaminate"]
+    config.write_text(yaml.safe_dump(cfg))
+    assert planned_jobs(root, config) == {"shards", "manifest"}
+    result = snakemake(root, config)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert not (root / "build" / "decontamination.parquet").exists()
+    assert outputs(manifest) == outputs(sample_build.manifest)  # back to the sample's bytes
+    assert main(["verify", str(manifest), "--out-dir", str(root / "build")]) == 0
+
+
 def test_two_inputs_build_the_bytes_of_their_concatenation(
         sample_build: SampleBuild, tmp_path: Path) -> None:
     """Two input files ingest as two parallel jobs and a merge; every output equals the sample

@@ -8,20 +8,11 @@ import polars as pl
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.generate import AMINO, _mutate, _random_sequence
-from pipeline.split import read_pins, split, split_of
+from pipeline.generate import _mutate, _random_sequence
+from pipeline.pins import read_pins
+from pipeline.split import split, split_of
 from tests.builds import build_config, run_leakage, run_through_split
-from tests.helpers import shared_file, write_fasta
-
-LETTERS = np.frombuffer(AMINO.encode(), np.uint8)
-
-
-def substitute(rng: np.random.Generator, seq: np.ndarray, identity: float) -> np.ndarray:
-    """Exactly round((1 - identity) * len) substitutions, no indels: full-length pairs."""
-    out = seq.copy()
-    sites = rng.choice(len(seq), size=round((1 - identity) * len(seq)), replace=False)
-    out[sites] = (out[sites] + rng.integers(1, 20, size=len(sites))) % 20
-    return out
+from tests.helpers import LETTERS, shared_file, substitute, write_fasta
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +70,9 @@ def test_split_hash_is_seeded_and_uniform() -> None:
 
 def test_pins_validation(tmp_path) -> None:
     good = tmp_path / "pins.tsv"
-    good.write_text("rep50\tsplit\nUniRef50_A\tvalid\n")
-    assert read_pins(good).to_dicts() == [{"rep50": "UniRef50_A", "split": "valid"}]
+    good.write_text("rep50\tsplit\nUniRef50_A\tvalid\nP12345\texcluded\n")
+    assert read_pins(good).to_dicts() == [{"id": "UniRef50_A", "split": "valid"},
+                                          {"id": "P12345", "split": "excluded"}]
     bad = tmp_path / "bad.tsv"
     bad.write_text("UniRef50_A\tholdout\n")
     with pytest.raises(PipelineError, match="unknown split 'holdout'"):
