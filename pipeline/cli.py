@@ -76,7 +76,8 @@ def _ingest(args: argparse.Namespace) -> int:
 def _export_table(args: argparse.Namespace) -> int:
     from pipeline.export import export_table
 
-    rows = export_table(_config(args).out_dir, args.split, args.out, args.format)
+    cfg = _config(args)
+    rows = export_table(cfg.out_dir, args.split, args.out, args.format, bool(cfg.decontaminate))
     print(f"{args.split}: {rows} UniRef90 clusters (ur50_id, ur90_id, sequence) -> {args.out}")
     return 0
 

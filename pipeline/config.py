@@ -275,7 +275,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "check_leakage": ("seed", "leakage", "cluster"),
     "shards": ("seed", "shards"),
     "validation": ("seed", "validation"),
-    "decontaminate": ("decontaminate", "download", "cluster"),
+    "decontaminate": ("decontaminate", "cluster"),  # download.*: how, not what
 }
 
 

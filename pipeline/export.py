@@ -11,14 +11,17 @@ from pipeline.atomic import atomic_path
 from pipeline.build_dir import SPLITS, BuildDir
 from pipeline.errors import PipelineError
 from pipeline.ids import accession_of
+from pipeline.split import final_splits
 
 FORMATS = ("parquet", "tsv")
 
 
 def export_table(out_dir: str | Path, split: str, dest: str | Path,
-                 fmt: str = "parquet") -> int:
+                 fmt: str = "parquet", decontaminated: bool = False) -> int:
     """Write ``split``'s table to ``dest`` (atomically), sorted by ur50_id, ur90_id; returns the
-    number of rows. Runs as a polars streaming query: memory does not grow with the build."""
+    number of rows. Runs as a polars streaming query: memory does not grow with the build.
+    ``decontaminated``: the build has ``decontaminate:`` sets, whose moved clusters (as the
+    shards) are left out."""
     out = BuildDir(out_dir)
     out.require(out.sequences, out.clusters, out.splits)
     if split not in SPLITS:
@@ -26,7 +29,8 @@ def export_table(out_dir: str | Path, split: str, dest: str | Path,
     if fmt not in FORMATS:
         raise PipelineError(f"export-table: format {fmt!r} is not one of {', '.join(FORMATS)}")
     table = (
-        pl.scan_parquet(out.splits).filter(pl.col("split") == split).select("rep50")
+        final_splits(out, decontaminated).lazy().filter(pl.col("split") == split)
+        .select("rep50")
         .join(pl.scan_parquet(out.clusters).select("rep50", "rep90").unique(), on="rep50")
         .with_columns(accession_of(90, pl.col("rep90")).alias("accession"))
         .join(pl.scan_parquet(out.sequences).select("accession", "sequence"), on="accession",

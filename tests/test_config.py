@@ -42,6 +42,26 @@ def test_bad_choice_and_missing_key() -> None:
     assert "out_dir" in str(err.value)
 
 
+@pytest.mark.parametrize(("section", "message"), [
+    ({"decontaminate": [{"name": "a", "url": "x.fa"}, {"name": "a", "url": "y.fa"}]},
+     r"set names must be unique"),
+    ({"decontaminate": [{"name": "a b", "url": "x.fa"}]}, r"decontaminate\.0\.name"),
+    ({"decontaminate": [{"name": "a", "url": "x.fa", "identity": 1.5}]},
+     r"decontaminate\.0\.identity"),
+    ({"split": {"pin_lists": [{"path": "p.txt", "split": "holdout"}]}},
+     r"split\.pin_lists\.0\.split"),
+], ids=["duplicate-set", "set-name", "identity", "pin-split"])
+def test_decontaminate_and_pin_list_errors_name_the_key(section: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config({**MINIMAL, **section})
+
+
+def test_evaluation_sets_default_to_the_50_80_rule() -> None:
+    cfg = parse_config({**MINIMAL, "decontaminate": [{"name": "pg", "url": "https://h/x.fa?a=1"}]})
+    item = cfg.decontaminate[0]
+    assert (item.identity, item.coverage, item.file_name) == (0.5, 0.8, "pg-x.fa")
+
+
 def test_duplicate_input_names_rejected() -> None:
     cfg = {**MINIMAL, "inputs": [{"url": "a/x.fa"}, {"url": "b/x.fa"}]}
     with pytest.raises(ConfigError, match=r"repeated: x\.fa"):

@@ -15,6 +15,7 @@ from pipeline.build_dir import EXCLUDED
 from pipeline.checksums import sha256_file
 from pipeline.decontaminate import _moved_clusters
 from pipeline.errors import PipelineError
+from pipeline.export import export_table
 from pipeline.generate import _random_sequence
 from pipeline.pins import group_pins, resolve_pins
 from pipeline.shard_reader import iter_clusters
@@ -109,6 +110,9 @@ def test_planted_contamination_leaves_train_by_whole_groups(build) -> None:
     run_stage("shards", cfg)
     keys = shard_keys(cfg.out.root)
     assert not expected & set().union(*keys.values())  # in no shard at all
+    export_table(cfg.out_dir, "train", tmp / "train.parquet", decontaminated=True)
+    exported = set(pl.read_parquet(tmp / "train.parquet").get_column("ur50_id"))
+    assert exported == keys["train"]  # the flat table leaves them out too
     weak = set(sources.get_column("rep50")) - expected
     assert weak <= keys["train"]  # the 40% ones' clusters stay in train
     assert len(keys["train"]) == stats["train_after"]["uniref50_clusters"]
