@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from pipeline.atomic import atomic_path
 from pipeline.build_dir import SPLITS, BuildDir
@@ -43,11 +44,30 @@ def export_table(out_dir: str | Path, split: str, dest: str | Path,
             table.sink_parquet(tmp, compression="zstd")
         else:
             table.sink_csv(tmp, separator="\t")
-    scan = pl.scan_parquet(dest) if fmt == "parquet" else pl.scan_csv(dest, separator="\t")
-    counts = scan.select(pl.len(), pl.col("sequence").null_count()).collect()
-    rows, missing = counts.row(0)
+    rows, missing = _rows_and_missing(Path(dest), fmt)
     if missing:
         Path(dest).unlink()
         raise PipelineError(f"{out.clusters} and {out.sequences} disagree: {missing} UniRef90 "
                             "representatives without a sequence (rerun the build)")
     return rows
+
+
+def _rows_and_missing(path: Path, fmt: str) -> tuple[int, int]:
+    """Rows of a written table and its rows without a sequence: from the Parquet footer (row
+    counts and null-count statistics, no data read), or a scan of a TSV."""
+    if fmt == "parquet":
+        meta = pq.ParquetFile(path).metadata
+        column = meta.schema.names.index("sequence")
+        missing = 0
+        for i in range(meta.num_row_groups):
+            stats = meta.row_group(i).column(column).statistics
+            if stats is None or not stats.has_null_count:  # no statistics: count them
+                return path_counts(pl.scan_parquet(path))
+            missing += stats.null_count
+        return meta.num_rows, missing
+    return path_counts(pl.scan_csv(path, separator="\t"))
+
+
+def path_counts(scan: pl.LazyFrame) -> tuple[int, int]:
+    """Rows and null sequences of a table, by a scan."""
+    return scan.select(pl.len(), pl.col("sequence").null_count()).collect().row(0)

@@ -238,10 +238,11 @@ def _uniref90_rows(out: BuildDir, tmp: Path, n_buckets: int) -> list[Path | None
     by_acc = pl.col("acc").hash(seed=7) % n_buckets
     carry: pl.DataFrame | None = None
     with BucketWriter(tmp, "rows", n_buckets) as rows, BucketWriter(tmp, "seqs", n_buckets) as seqs:
+        clusters = pq.ParquetFile(out.clusters)
         columns = ["rep90", "rep50"]
-        if ENTRIES in pq.ParquetFile(out.clusters).schema_arrow.names:
+        if ENTRIES in clusters.schema_arrow.names:
             columns.append(ENTRIES)
-        for batch in pq.ParquetFile(out.clusters).iter_batches(_BATCH, columns=columns):
+        for batch in clusters.iter_batches(_BATCH, columns=columns):
             df = pl.from_arrow(batch)
             if carry is not None:
                 df = pl.concat([carry, df])

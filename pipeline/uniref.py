@@ -78,7 +78,8 @@ def iter_entries(path: str | Path) -> Iterator[Entry]:
                     if current is None:
                         entry = elem.getparent()
                         current, line = entry.get("id") or "?", entry.sourceline or 0
-                    counts[_uniref90(path, elem, current, line)] += _is_uniprot(elem)
+                    ref = _reference(elem)  # once per member: the hot path
+                    counts[_uniref90(path, elem, ref, current, line)] += _is_uniprot(ref)
                     members += 1
                     _drop(elem)
                     continue
@@ -105,14 +106,15 @@ def _reference(member: etree._Element) -> etree._Element | None:
     return None
 
 
-def _is_uniprot(member: etree._Element) -> int:
-    ref = _reference(member)
+def _is_uniprot(ref: etree._Element | None) -> int:
+    """1 when a member's dbReference is a UniProtKB entry."""
     return int(ref is not None and ref.get("type") == "UniProtKB ID")
 
 
-def _uniref90(path: Path, member: etree._Element, entry: str, line: int) -> str:
-    """The UniRef90 id a member's dbReference carries (a one-line error when it has none)."""
-    ref = _reference(member)
+def _uniref90(path: Path, member: etree._Element, ref: etree._Element | None, entry: str,
+              line: int) -> str:
+    """The UniRef90 id a member's dbReference (``ref``) carries (a one-line error when it has
+    none)."""
     if ref is not None:
         for prop in ref:
             if prop.get("type") == "UniRef90 ID":
