@@ -3,8 +3,9 @@
 Usage: python benchmarks/build_scale.py [--sizes 100000 1000000] [--work benchmarks/_work]
 
 Each stage runs as `esm2-data <stage> --config ...` in its own process; peak RSS is the
-kernel's maxrss of that process and its children (MMseqs2 included). The split stage uses
-config/uniprot.yaml's linking settings. Target: peak RSS under 4 GB at 1M sequences and growing
+kernel's maxrss of that process and its children (MMseqs2 included). The cluster and split
+stages use config/uniprot.yaml's clustering and linking settings (--no-link: MMseqs2's defaults,
+no linking). Target: peak RSS under 4 GB at 1M sequences and growing
 sublinearly with size.
 """
 
@@ -22,8 +23,9 @@ import yaml
 from _measure import mmseqs_seconds, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
-# The full-UniProt config's linking settings (the ones meant for scale).
-UNIPROT_SPLIT = yaml.safe_load((ROOT / "config" / "uniprot.yaml").read_text())["split"]
+# The full-UniProt config's linking and clustering settings (the ones meant for scale).
+UNIPROT = yaml.safe_load((ROOT / "config" / "uniprot.yaml").read_text())
+UNIPROT_SPLIT, UNIPROT_CLUSTER = UNIPROT["split"], UNIPROT["cluster"]
 MMSEQS_LOGS = {"cluster": "cluster", "split": "split", "check-leakage": "leakage"}
 STAGES = ("download", "ingest", "cluster", "split", "check-leakage", "shards", "validation",
           "manifest")
@@ -41,8 +43,10 @@ def main() -> None:
     # Generated families straddle UniRef50 clusters more than real ones (46% of held-out
     # sequences have a >= 50% train hit without linking, ~10% with): report, do not fail.
     leakage_cfg = {"max_queries": 2000, "max_fraction": 1.0}
-    if args.no_link:
+    cluster_cfg = UNIPROT_CLUSTER
+    if args.no_link:  # the design's rule with MMseqs2's default (cascaded) clustering
         split_cfg["link_identity"] = None
+        cluster_cfg = {}
     table = {}
     for n in args.sizes:
         fasta = args.work / f"families-{n}.fasta.gz"
@@ -54,6 +58,7 @@ def main() -> None:
         cfg = {
             "build": f"scale-{n}", "out_dir": str(out), "threads": args.threads,
             "inputs": [{"url": str(fasta)}], "manifest_dir": str(out / "manifest"),
+            "cluster": cluster_cfg,
             "split": split_cfg,
             "leakage": leakage_cfg,
             "validation": {"size": 1000},

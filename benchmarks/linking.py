@@ -51,6 +51,9 @@ def main() -> None:
                     help="MMseqs2 -s of the UniRef50 clustering (default: MMseqs2's, 4)")
     ap.add_argument("--uniref50-max-seqs", type=int, default=None,
                     help="MMseqs2 --max-seqs of the UniRef50 clustering (default: MMseqs2's, 20)")
+    ap.add_argument("--uniref50-args", default="",
+                    help="more MMseqs2 arguments of the UniRef50 clustering, e.g. "
+                         "'--single-step-clustering 1'")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -67,7 +70,8 @@ def main() -> None:
             "leakage": {"max_queries": 20000, "max_fraction": 1.0}}
     uniref50 = {"method": "cluster", "min_seq_id": 0.5, "sensitivity": args.uniref50_sensitivity,
                 "extra_args": ([] if args.uniref50_max_seqs is None
-                               else ["--max-seqs", str(args.uniref50_max_seqs)])}
+                               else ["--max-seqs", str(args.uniref50_max_seqs)])
+                              + args.uniref50_args.split()}
     base["cluster"] = {"uniref50": uniref50}
     cfg = parse_config({**base, "split": {"valid_fraction": 0.1, "test_fraction": 0.1}})
     ingest(inputs, out, on_error="skip")
