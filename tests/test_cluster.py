@@ -11,7 +11,7 @@ from pipeline.errors import PipelineError
 from pipeline.generate import _mutate, _random_sequence
 from pipeline.pins import read_pins
 from pipeline.split import split, split_of
-from tests.builds import build_config, run_leakage, run_through_split
+from tests.builds import build_config, run_leakage, run_stages, run_through_split
 from tests.helpers import LETTERS, shared_file, substitute, write_fasta
 
 
@@ -234,3 +234,29 @@ def test_every_stage_handles_empty_intermediates(tmp_path: Path, fasta: str,
     assert len(SplitIndex(out / "validation")) == 0
     assert "the valid split is empty" in caplog.text
     assert main(["verify", str(tmp_path / "m" / "one.json")]) == 0
+
+
+def test_single_step_clustering_links_a_chain_the_greedy_clusters_cut(tmp_path) -> None:
+    """A 320-residue protein A, B at 60% of A, C at 60% of B (~37% of A): greedy clustering puts
+    B with A and leaves C alone, and the single-step clustering's B-C alignment (all pairs are
+    aligned, as config/uniprot.yaml clusters UniRef50) links the two clusters."""
+
+    rng = np.random.default_rng(21)
+    a = _random_sequence(rng, 320)
+    b = substitute(rng, a[:300], 0.6)
+    c = substitute(rng, b[:290], 0.6)
+    fasta = write_fasta(tmp_path / "chain.fa", "".join(
+        f">{name} chain\n{LETTERS[seq].tobytes().decode()}\n"
+        for name, seq in (("A", a), ("B", b), ("C", c))))
+    cfg = build_config(tmp_path / "b", [fasta], cluster={"uniref50": {
+        "method": "cluster", "min_seq_id": 0.5,
+        "extra_args": ["--single-step-clustering", "1"]}})
+    run_stages(cfg, "download", "ingest", "cluster")
+    rep50 = dict(pl.read_parquet(tmp_path / "b" / "clusters.parquet")
+                 .select("accession", "rep50").iter_rows())
+    assert rep50 == {"A": "UniRef50_A", "B": "UniRef50_A", "C": "UniRef50_C"}
+    links = pl.read_parquet(tmp_path / "b" / "cluster_links.parquet")
+    assert links.select("a", "b").rows() == [("UniRef50_A", "UniRef50_C")]
+    assert 0.5 <= links.get_column("identity").item() <= 0.7
+    assert "--single-step-clustering 1" in (tmp_path / "b" / "logs" / "cluster.mmseqs.log"
+                                            ).read_text()
