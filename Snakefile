@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.config import STAGE_SECTIONS, config_to_dict, parse_config, stage_config
+from pipeline.download import local_source
 
 if not config:
     configfile: "config/sample.yaml"
@@ -170,12 +171,17 @@ rule check_leakage:
 # group it hits leaves train (decontamination.parquet). Editing a set reruns this and what reads
 # it (shards, manifest), never the split.
 DECONTAMINATION = [B.decontamination] if CFG.decontaminate else []
+# a set that is a local file is an input too: editing it in place reruns the stage (a missing
+# one is left to the stage, whose error names the set)
+EVALUATION_FILES = [path for path in (local_source(s.url) for s in CFG.decontaminate)
+                    if path is not None and path.is_file()]
 
 if CFG.decontaminate:
 
     rule decontaminate:
         input:
             config=STAGE_CONFIG["decontaminate"],
+            sets=EVALUATION_FILES,
             splits=B.splits,
             clusters=B.clusters,
             sequences=B.sequences,

@@ -5,11 +5,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.build_dir import BuildDir
 from pipeline.settings import Section, read_yaml, validate
+
+URL_SCHEMES = ("https", "http", "file", "")  # "": a local path
+
+
+def _fetchable(url: str) -> str:
+    scheme = urlparse(url).scheme
+    if scheme not in URL_SCHEMES:
+        raise ValueError(f"unsupported URL scheme '{scheme}' (use https, http, file or a path)")
+    return url
 
 
 class InputFile(Section):
@@ -21,6 +31,8 @@ class InputFile(Section):
     sha256: str | None = None
     # fasta: ingested; uniref50_xml: UniProt's UniRef50 XML, the clusters of cluster.source uniref
     role: Literal["fasta", "uniref50_xml"] = "fasta"
+
+    _url = field_validator("url")(_fetchable)
 
     @property
     def file_name(self) -> str:
@@ -157,6 +169,8 @@ class EvaluationSet(Section):
     # train hits aligned per evaluation sequence (MMseqs2 --max-seqs): a group is excluded when
     # any of its sequences is hit, so this bounds how many distinct groups one sequence reaches
     max_seqs: int = Field(1000, gt=0)
+
+    _url = field_validator("url")(_fetchable)
 
     @property
     def file_name(self) -> str:

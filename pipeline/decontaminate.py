@@ -38,9 +38,11 @@ def read_set(item: EvaluationSet, raw: Path, policy: RetryPolicy) -> tuple[dict,
                                                                             list[str]]:
     """Fetch and check one evaluation set: its fetch record, record IDs and sequences."""
     name = f"decontaminate set {item.name!r}"
+    dest = raw / item.file_name
+    if not (item.md5 or item.sha256):  # nothing to tell a stale copy from the set: fetch again
+        dest.unlink(missing_ok=True)
     try:
-        fetched = fetch(item.url, raw / item.file_name, md5=item.md5, sha256=item.sha256,
-                        policy=policy)
+        fetched = fetch(item.url, dest, md5=item.md5, sha256=item.sha256, policy=policy)
     except PipelineError as err:
         raise PipelineError(f"{name}: {err}") from None
     try:  # the error names the fetched copy; say where it came from too

@@ -64,7 +64,8 @@ def _check(digest: FileDigest, url: str, md5: str | None, sha256: str | None) ->
     return None
 
 
-def _local_source(url: str) -> Path | None:
+def local_source(url: str) -> Path | None:
+    """The file a file:// URL or a plain path names (None for http/https)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return Path(unquote(parsed.path))
@@ -177,7 +178,7 @@ def fetch(
             return FetchResult(url, str(dest), digest.size, digest.md5, digest.sha256, True)
         log.warning("%s exists but its checksum does not match: fetching again", dest)
     part = dest.with_name(dest.name + ".part")
-    src = _local_source(url)
+    src = local_source(url)
     if src is not None:
         _copy_local(src, part, url, policy)
     else:

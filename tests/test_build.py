@@ -308,6 +308,8 @@ def test_decontamination_under_snakemake_reruns_only_from_its_stage(
     monkeypatch.setenv("ESM2_BUILD_DIR", str(root / "build"))
     assert run_notebook("dataset_report.ipynb") == 5  # the report's decontamination figure
 
+    evaluation.write_text(evaluation.read_text() + ">EVAL_NEW\nMKVLAAGG\n")  # edited in place
+    assert planned_jobs(root, config) == {"decontaminate", "shards", "manifest"}
     cfg["decontaminate"][0]["identity"] = 0.9
     config.write_text(yaml.safe_dump(cfg))
     assert planned_jobs(root, config) == {"decontaminate", "shards", "manifest"}

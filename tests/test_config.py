@@ -50,7 +50,10 @@ def test_bad_choice_and_missing_key() -> None:
      r"decontaminate\.0\.identity"),
     ({"split": {"pin_lists": [{"path": "p.txt", "split": "holdout"}]}},
      r"split\.pin_lists\.0\.split"),
-], ids=["duplicate-set", "set-name", "identity", "pin-split"])
+    ({"decontaminate": [{"name": "a", "url": "ftp://h/x.fa"}]},
+     r"decontaminate\.0\.url: .*unsupported URL scheme 'ftp'"),
+    ({"inputs": [{"url": "s3://bucket/x.fa"}]}, r"inputs\.0\.url: .*unsupported URL scheme"),
+], ids=["duplicate-set", "set-name", "identity", "pin-split", "set-scheme", "input-scheme"])
 def test_decontaminate_and_pin_list_errors_name_the_key(section: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_config({**MINIMAL, **section})

@@ -248,3 +248,14 @@ def test_gzip_sets_are_read(build) -> None:
     path.write_bytes(gzip.compress(f">Z1\n{seq}\n".encode()))
     cfg = with_sets(tmp, fasta, {"name": "gz", "url": str(path)})
     assert run_stage("decontaminate", cfg)["sets"]["gz"]["sequences"] == 1
+
+
+def test_a_set_edited_in_place_is_read_again(build) -> None:
+    """Without a checksum nothing tells a stale copy under raw/ from the set: it is fetched
+    again on every run."""
+    tmp, fasta, _ = build
+    path = write_fasta(tmp / "edited.fasta", ">A1\nMKVLA\n")
+    cfg = with_sets(tmp, fasta, {"name": "edited", "url": str(path)})
+    assert run_stage("decontaminate", cfg)["sets"]["edited"]["sequences"] == 1
+    write_fasta(path, ">A1\nMKVLA\n>A2\nMKVLW\n")
+    assert run_stage("decontaminate", cfg)["sets"]["edited"]["sequences"] == 2
