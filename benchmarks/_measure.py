@@ -27,3 +27,14 @@ def mmseqs_seconds(log: Path) -> float:
         return 0.0
     return sum(float(line.split(" after ")[1].split()[0])
                for line in log.read_text().splitlines() if line.startswith(ELAPSED_MARK))
+
+
+def generated_fasta(work: Path, n_sequences: int) -> Path:
+    """``work/families-N.fasta.gz`` of N generated family sequences (seed 0), made once."""
+    work.mkdir(parents=True, exist_ok=True)
+    fasta = work / f"families-{n_sequences}.fasta.gz"
+    if not fasta.exists():
+        from pipeline.generate import write_families
+
+        write_families(fasta, n_sequences, seed=0)
+    return fasta

@@ -24,7 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _measure import run_measured
+from _measure import generated_fasta, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,12 +67,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work")
     ap.add_argument("--runs", type=int, default=1)
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    fasta = args.work / f"families-{args.n_sequences}.fasta.gz"
-    if not fasta.exists():
-        from pipeline.generate import write_families
-
-        write_families(fasta, args.n_sequences, seed=0)
+    fasta = generated_fasta(args.work, args.n_sequences)
     gz_mb = fasta.stat().st_size / 1e6
     print(f"input: {fasta.name}: {gz_mb:.0f} MB gzip, {args.n_sequences:,} sequences; "
           f"{os.cpu_count()} CPUs; {args.runs} run(s) each, best shown")

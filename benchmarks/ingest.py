@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _measure import run_measured
+from _measure import generated_fasta, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,12 +80,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work")
     ap.add_argument("--skip-rss", action="store_true", help="skip the 100 MB / 1 GB RSS runs")
     args = ap.parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    fasta = args.work / f"families-{args.n_sequences}.fasta.gz"
-    if not fasta.exists():
-        from pipeline.generate import write_families
-
-        write_families(fasta, args.n_sequences, seed=0)
+    fasta = generated_fasta(args.work, args.n_sequences)
     gz_mb = fasta.stat().st_size / 1e6
     raw_mb = int(subprocess.run(f"gzip -dc {fasta} | wc -c", shell=True, check=True,
                                 capture_output=True, text=True).stdout) / 1e6
