@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  not a.startswith("--local-rank")]
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        return args.func(args)
+        status = args.func(args)
     except PipelineError as exc:  # UserError and the dataset side's errors
         message = " ".join(str(exc).split())  # always one line
         if getattr(exc, "silent", False):
@@ -347,11 +347,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         status = 130
     if distributed:
-        sys.stdout.flush()
-        if quiet:  # let the reporting rank print before the launcher stops everyone
-            time.sleep(3)
-        os._exit(status)
+        _leave(status, quiet)
     return status
+
+
+def _leave(status: int, quiet: bool) -> None:
+    """End a rank of a distributed run with ``status``. A rank that succeeded tears its
+    process group down first; then every rank leaves without the interpreter's finalisation,
+    whose C++ destructors can meet gloo's threads still running and abort the process
+    ("terminate called without an active exception") after a run that succeeded."""
+    import logging
+
+    if status == 0 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # after the run's last barrier: no waiting
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    if quiet:  # let the reporting rank print before the launcher stops everyone
+        time.sleep(3)
+    os._exit(status)
 
 
 if __name__ == "__main__":
