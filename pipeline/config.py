@@ -15,6 +15,11 @@ from pipeline.settings import Section, read_yaml, validate
 URL_SCHEMES = ("https", "http", "file", "")  # "": a local path
 
 
+def url_file_name(url: str) -> str:
+    """The last path component of a URL or path, without a query string."""
+    return url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
+
+
 def _fetchable(url: str) -> str:
     scheme = urlparse(url).scheme
     if scheme not in URL_SCHEMES:
@@ -36,10 +41,7 @@ class InputFile(Section):
 
     @property
     def file_name(self) -> str:
-        if self.name:
-            return self.name
-        tail = self.url.rstrip("/").rsplit("/", 1)[-1]
-        return tail.split("?", 1)[0]
+        return self.name or url_file_name(self.url)
 
 
 class Release(Section):
@@ -174,8 +176,7 @@ class EvaluationSet(Section):
 
     @property
     def file_name(self) -> str:
-        tail = self.url.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
-        return f"{self.name}-{tail}"
+        return f"{self.name}-{url_file_name(self.url)}"
 
 
 class ShardsConfig(Section):

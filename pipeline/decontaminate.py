@@ -26,7 +26,7 @@ from pipeline.download import RetryPolicy, fetch
 from pipeline.errors import PipelineError
 from pipeline.mmseqs import MMseqs, write_fasta, write_indexed_fasta
 from pipeline.records import read_sequences
-from pipeline.split import cluster_sizes, sequence_splits, split_counts
+from pipeline.split import cluster_sizes, sequence_splits, split_counts, zero_counts
 from pipeline.stats import identity_histogram
 
 CLOSEST_PAIRS = 10
@@ -148,9 +148,9 @@ def decontaminate(cfg: BuildConfig) -> dict:
     stats = {
         "sets": reports,
         "excluded": _excluded_counts(sizes, moved),
-        "train_before": split_counts(sizes, table).get("train", _zero_counts()),
+        "train_before": split_counts(sizes, table).get("train", zero_counts()),
         "train_after": split_counts(sizes, table.join(moved, on="rep50", how="anti")).get(
-            "train", _zero_counts()),
+            "train", zero_counts()),
     }
     with atomic_path(out.decontamination) as tmp_out:
         moved.write_parquet(tmp_out, compression="zstd")
@@ -161,9 +161,7 @@ def decontaminate(cfg: BuildConfig) -> dict:
 def _moved_clusters(table: pl.DataFrame, evidence: list[pl.DataFrame]) -> pl.DataFrame:
     """Every train cluster of a hit group, with the hit of the first set (config order) that
     hit its group."""
-    first = (pl.concat(evidence) if evidence else pl.DataFrame(schema={
-        k: v for k, v in _EVIDENCE.items() if k != "rep50"})).unique(
-        "group", keep="first", maintain_order=True)
+    first = pl.concat(evidence).unique("group", keep="first", maintain_order=True)
     return (
         table.filter(pl.col("split") == "train").select("rep50", "group")
         .join(first, on="group")
@@ -171,15 +169,11 @@ def _moved_clusters(table: pl.DataFrame, evidence: list[pl.DataFrame]) -> pl.Dat
     )
 
 
-def _zero_counts() -> dict[str, int]:
-    return dict.fromkeys(("uniref50_clusters", "uniref90_clusters", "sequences", "residues"), 0)
-
-
 def _excluded_counts(sizes: pl.DataFrame, moved: pl.DataFrame) -> dict:
     """Groups, clusters, records and residues of ``moved`` (rep50, group)."""
     counts = split_counts(sizes, moved.select("rep50", pl.lit(EXCLUDED).alias("split")))
     return {"groups": moved.get_column("group").n_unique(),
-            **counts.get(EXCLUDED, _zero_counts())}
+            **counts.get(EXCLUDED, zero_counts())}
 
 
 def run(cfg: BuildConfig) -> dict:

@@ -62,12 +62,12 @@ def _rows_and_missing(path: Path, fmt: str) -> tuple[int, int]:
         for i in range(meta.num_row_groups):
             stats = meta.row_group(i).column(column).statistics
             if stats is None or not stats.has_null_count:  # no statistics: count them
-                return path_counts(pl.scan_parquet(path))
+                return _scan_counts(pl.scan_parquet(path))
             missing += stats.null_count
         return meta.num_rows, missing
-    return path_counts(pl.scan_csv(path, separator="\t"))
+    return _scan_counts(pl.scan_csv(path, separator="\t"))
 
 
-def path_counts(scan: pl.LazyFrame) -> tuple[int, int]:
+def _scan_counts(scan: pl.LazyFrame) -> tuple[int, int]:
     """Rows and null sequences of a table, by a scan."""
     return scan.select(pl.len(), pl.col("sequence").null_count()).collect().row(0)

@@ -207,14 +207,15 @@ def summary(manifest: dict) -> str:
         f"leakage: {leak['fraction_at_or_above_threshold']:.2%} of {leak['queries']:,} held-out "
         f"sequences have a train hit >= {leak['identity_threshold']:.0%} identity"
     )
-    for name, row in c.get("decontamination", {}).get("sets", {}).items():
-        lines.append(
-            f"decontaminate {name}: {row['sequences_with_hit']:,} of {row['sequences']:,} "
-            f"sequences hit train at >= {row['identity']:.0%} identity; "
-            f"{row['excluded']['uniref50_clusters']:,} UniRef50 clusters "
-            f"({row['excluded']['sequences']:,} records) left train")
-    if "decontamination" in c:
-        total = c["decontamination"]["excluded"]
+    decontamination = c.get("decontamination")
+    if decontamination:
+        for name, row in decontamination["sets"].items():
+            lines.append(
+                f"decontaminate {name}: {row['sequences_with_hit']:,} of {row['sequences']:,} "
+                f"sequences hit train at >= {row['identity']:.0%} identity; "
+                f"{row['excluded']['uniref50_clusters']:,} UniRef50 clusters "
+                f"({row['excluded']['sequences']:,} records) left train")
+        total = decontamination["excluded"]
         lines.append(f"decontaminated: {total['groups']:,} split groups, "
                      f"{total['uniref50_clusters']:,} UniRef50 clusters, "
                      f"{total['sequences']:,} records excluded from train")

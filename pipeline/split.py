@@ -94,15 +94,21 @@ def split(
         "split_groups": table.get_column("group").n_unique(),
         "largest_group_clusters": int(table.group_by("group").len().get_column("len").max()),
         "splits": {
-            name: counts.get(name, dict.fromkeys(
-                ("uniref50_clusters", "uniref90_clusters", "sequences", "residues"), 0))
-            for name in SPLITS
+            name: counts.get(name, zero_counts()) for name in SPLITS
         },
         # clusters pinned out of every split (present only when some are)
         **({EXCLUDED: counts[EXCLUDED]} if EXCLUDED in counts else {}),
     }
     write_text_atomic(out.stats("split"), json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+COUNTS = ("uniref50_clusters", "uniref90_clusters", "sequences", "residues")
+
+
+def zero_counts() -> dict[str, int]:
+    """The :func:`split_counts` row of an empty split."""
+    return dict.fromkeys(COUNTS, 0)
 
 
 def cluster_sizes(out: BuildDir, clusters: pl.DataFrame) -> pl.DataFrame:
