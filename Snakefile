@@ -98,8 +98,9 @@ rule ingest_part:
         part=r"\d+",
     log:
         B.log("ingest-{part}"),
+    threads: CFG.threads
     shell:
-        stage("{ESM2_DATA} ingest --config {RESOLVED} --part {wildcards.part}")
+        stage("{ESM2_DATA} ingest --config {RESOLVED} --part {wildcards.part} --threads {threads}")
 
 
 rule ingest:

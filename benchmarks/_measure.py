@@ -4,19 +4,48 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 
 def run_measured(cmd: list[str], stdout: int | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB, the kernel's maxrss) of a child process; exits on failure."""
+    """Wall seconds and peak memory (MiB) of a child process; exits on failure.
+
+    The peak is the larger of the kernel's maxrss (the largest single process) and the largest
+    sum of RSS over the child and all its descendants, sampled every 20 ms (worker processes
+    count together)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=stdout, env={**os.environ, "ESM2_PROGRESS": "0"})
+    tree_peak = [0]
+    done = threading.Event()
+    sampler = threading.Thread(target=_sample_tree_rss, args=(proc.pid, done, tree_peak))
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
+    return wall, max(usage.ru_maxrss * 1024, tree_peak[0]) / 2**20
+
+
+def _sample_tree_rss(pid: int, done: threading.Event, peak: list[int]) -> None:
+    """Keep ``peak[0]`` at the largest summed RSS (bytes) of ``pid`` and its descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    while not done.wait(0.02):
+        total = 0
+        try:
+            for p in [root, *root.children(recursive=True)]:
+                total += p.memory_info().rss
+        except psutil.Error:  # a process ended while sampled
+            continue
+        peak[0] = max(peak[0], total)
 
 
 def mmseqs_seconds(log: Path) -> float:

@@ -55,14 +55,18 @@ def _ingest(args: argparse.Namespace) -> int:
     if args.part is not None and args.merge:
         raise PipelineError("ingest: give --part or --merge, not both")
     if args.config and args.part is not None and not args.inputs:
-        info = _run("ingest", args, lock=f"ingest-part-{args.part}", part=args.part)
+        info = _run("ingest", args, lock=f"ingest-part-{args.part}", part=args.part,
+                    worker_kind=args.worker_kind)
         print(f"ingest part {args.part}: {info['input']['records']} records of "
               f"{info['input']['file']} in {info['partitions']} partitions")
         return 0
     if args.config and not args.inputs:
-        stats, out = _run("ingest", args, merge=args.merge), Path(_config(args).out_dir)
+        stats = _run("ingest", args, merge=args.merge, worker_kind=args.worker_kind)
+        out = Path(_config(args).out_dir)
     elif args.inputs and args.out and not args.config:
-        stats, out = ingest(args.inputs, args.out, on_error=args.on_error or "fail"), args.out
+        stats = ingest(args.inputs, args.out, on_error=args.on_error or "fail",
+                       workers=args.threads or 0, worker_kind=args.worker_kind)
+        out = args.out
     else:
         raise PipelineError("ingest: give either --config, or FASTA files and --out")
     print(
@@ -227,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parse only input I into <out_dir>/ingest_parts/I (one job per input)")
     p.add_argument("--merge", action="store_true",
                    help="finish the ingest from every input's --part directory")
+    p.add_argument("--threads", type=int, help="parse workers (default: the config's threads; "
+                   "without --config, one per CPU)")
+    p.add_argument("--worker-kind", choices=["auto", "thread", "process"], default="auto",
+                   help="parse in threads or spawned processes (auto: threads up to 4 workers)")
 
     for name, text in (
         ("cluster", "MMseqs2 UniRef90 then UniRef50 clustering -> clusters.parquet"),

@@ -117,7 +117,7 @@ _WHITESPACE[list(_STRIP)] = True
 _MAX_STRIP_STEPS = 8
 
 
-def _split(body: bytes, first_line: int) -> RawRecords:
+def split_records(body: bytes, first_line: int) -> RawRecords:
     """Split ``body`` (starting with '>') into records, as ``body.split(b"\\n>")`` would."""
     b = np.frombuffer(body, np.uint8)
     n = len(b)
@@ -164,8 +164,10 @@ def _rstrip(body: bytes, b: np.ndarray, start: np.ndarray, end: np.ndarray) -> n
     return end
 
 
-def iter_raw_records(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[RawRecords]:
-    """Yield the records of a FASTA file in chunks of about ``chunk_bytes`` decompressed bytes.
+def iter_blocks(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[tuple[bytes, int]]:
+    """Yield ``(body, first_line)``: the file cut into blocks of whole records (each starting
+    with '>'), about ``chunk_bytes`` decompressed bytes each, and the line each block starts on.
+    :func:`split_records` makes the records of a block (in any process).
 
     Raises :class:`InputFormatError` for a file that is not FASTA or a damaged gzip stream.
     """
@@ -194,10 +196,18 @@ def iter_raw_records(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[
             carry = buf
             continue
         body, carry = buf[:cut], buf[cut + 1 :]
-        chunk = _split(body, line)
-        line = chunk.next_line
-        yield chunk
+        yield body, line
+        line += body.count(b"\n") + 1
     if carry.strip():
-        yield _split(carry.rstrip(b"\r\n") if carry.endswith(b"\n") else carry, line)
+        yield (carry.rstrip(b"\r\n") if carry.endswith(b"\n") else carry), line
     elif not started:
         raise InputFormatError(f"{path}: empty file (no FASTA records)")
+
+
+def iter_raw_records(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[RawRecords]:
+    """Yield the records of a FASTA file in chunks of about ``chunk_bytes`` decompressed bytes.
+
+    Raises :class:`InputFormatError` for a file that is not FASTA or a damaged gzip stream.
+    """
+    for body, line in iter_blocks(path, chunk_bytes):
+        yield split_records(body, line)

@@ -120,9 +120,9 @@ def _first_per_row(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def parse_header_bytes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> pl.DataFrame:
+def parse_header_bytes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Table:
     """``parse_headers`` of the headers ``data[start[i]:end[i]]`` (each decoded as UTF-8 with
-    replacement), vectorized for the usual printable-ASCII headers."""
+    replacement), vectorized for the usual printable-ASCII headers; an Arrow table."""
     n = len(start)
     lengths = end - start
     gaps = start - np.r_[0, end[:-1]]
@@ -222,22 +222,18 @@ def parse_header_bytes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> 
         taxid[use] = val
         found |= use | (first_pos >= 0)
 
-    frame = pl.DataFrame([
-        pl.Series("accession", gather_strings(hb, acc_start, acc_end)),
-        pl.Series("db", gather_strings(hb, a, db_end)),
-        pl.Series("description", gather_strings(hb, np.minimum(r0, desc_end), desc_end)),
-        pl.Series("taxid", pa.Array.from_buffers(pa.int64(), n, [
-            pa.py_buffer(np.packbits(found, bitorder="little")), pa.py_buffer(taxid)])),
-    ])
+    table = pa.table({
+        "accession": gather_strings(hb, acc_start, acc_end),
+        "db": gather_strings(hb, a, db_end),
+        "description": gather_strings(hb, np.minimum(r0, desc_end), desc_end),
+        "taxid": pa.Array.from_buffers(pa.int64(), n, [
+            pa.py_buffer(np.packbits(found, bitorder="little")), pa.py_buffer(taxid)]),
+    })
     if not slow.any():
-        return frame
+        return table
     rows = np.flatnonzero(slow)
     texts = [data[start[i] : end[i]].tobytes().decode("utf-8", "replace") for i in rows.tolist()]
-    slow_frame = parse_headers(pl.Series("header", texts, dtype=pl.String))
+    slow_table = parse_headers(pl.Series("header", texts, dtype=pl.String)).to_arrow()
     order = np.concatenate([np.flatnonzero(~slow), rows])
-    return (
-        pl.concat([frame.filter(pl.Series(~slow)), slow_frame])
-        .with_columns(pl.Series("_row", order))
-        .sort("_row")
-        .drop("_row")
-    )
+    merged = pa.concat_tables([table.filter(pa.array(~slow)), slow_table.cast(table.schema)])
+    return merged.take(np.argsort(order, kind="stable")).combine_chunks()

@@ -16,22 +16,22 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
 from pipeline.atomic import atomic_dir, atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
 from pipeline.config import BuildConfig
 from pipeline.errors import InputFormatError
-from pipeline.fasta import GZIP_MAGIC, iter_raw_records
-from pipeline.partition import BucketWriter, ParquetSink
+from pipeline.fasta import GZIP_MAGIC
+from pipeline.ingest_chunks import ACC_COLUMNS, ChunkParser, ParsedChunk, partition_files
+from pipeline.partition import ParquetSink, read_partition
 from pipeline.progress import format_sizeof, progress_bar
-from pipeline.records import RESIDUES, Rejector, chunk_frame, clean
+from pipeline.records import RESIDUES, residue_counts
 
 # length histogram edges; 1022 is ESM-2's crop (training.model.config.MAX_RESIDUES)
 LENGTH_EDGES = [0, 50, 100, 200, 300, 400, 500, 750, 1022, 1500, 2000, 5000, 10000, 35000]
@@ -39,8 +39,6 @@ SEQUENCE_COLUMNS = [
     "accession", "db", "description", "taxid", "length", "sequence", "seq_hash", "n_records",
 ]
 RECORD_COLUMNS = ["accession", "db", "taxid", "seq_hash", "rep_accession"]
-ACC_COLUMNS = ["accession", "source", "line"]
-_COUNT_BLOCK = 1 << 20
 _GZIP_EXPANSION = 3.0  # uncompressed/compressed size of protein FASTA, for partition planning
 
 
@@ -92,13 +90,11 @@ Partition = Path | list[Path] | pl.DataFrame | None
 
 
 def _load(part: Path | list[Path] | pl.DataFrame, columns: list[str] | None = None) -> pl.DataFrame:
-    """A partition: Parquet file(s) on disk (one per ingest part, in input order), or (when there
-    is only one partition) the frame itself."""
+    """A partition: file(s) on disk (one per ingest part, in input order), or (when there is
+    only one partition) the frame itself."""
     if isinstance(part, pl.DataFrame):
         return part.select(columns) if columns else part
-    if isinstance(part, list):
-        return pl.concat([pl.read_parquet(p, columns=columns) for p in part], rechunk=False)
-    return pl.read_parquet(part, columns=columns)
+    return read_partition(part, columns)
 
 
 def _duplicate_accessions(
@@ -149,49 +145,20 @@ def _collapse(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return uniques, records
 
 
-def _residue_counts(sequences: pl.Series) -> np.ndarray:
-    """Counts of each residue letter over a String series (reads the Arrow data buffer)."""
-    counts = np.zeros(256, np.int64)
-    pairs = np.zeros(1 << 16, np.int64)
-    arr = sequences.to_arrow()
-    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
-    for chunk in chunks:
-        chunk = chunk.cast(pa.large_binary())
-        offsets = np.frombuffer(chunk.buffers()[1], np.int64)
-        lo, hi = offsets[chunk.offset], offsets[chunk.offset + len(chunk)]
-        data = np.frombuffer(chunk.buffers()[2], np.uint8)[lo:hi]
-        if len(data) % 2:
-            counts[data[-1]] += 1
-            data = data[:-1]
-        data = data.view(np.uint16)  # counting byte pairs halves the work
-        for i in range(0, len(data), _COUNT_BLOCK):  # cache-sized blocks: ~15x faster
-            pairs += np.bincount(data[i : i + _COUNT_BLOCK], minlength=1 << 16)
-    pairs = pairs.reshape(256, 256)
-    return counts + pairs.sum(axis=0) + pairs.sum(axis=1)
-
-
-def _seq_bucket(n_buckets: int) -> pl.Expr:
-    """Partition of a record by its sequence hash (identical sequences meet in one)."""
-    return pl.col("seq_hash").str.slice(0, 6).str.to_integer(base=16) * n_buckets // (1 << 24)
-
-
-def _acc_bucket(n_buckets: int) -> pl.Expr:
-    """Partition of a record by its accession (for the duplicate-accession check)."""
-    return pl.col("accession").hash(seed=0) % n_buckets
-
-
 def _read_input(
-    path: Path, source: int, on_error: str, chunk_bytes: int, stats: IngestStats
-) -> Iterator[pl.DataFrame]:
-    """The accepted records of one input, chunk by chunk; counts it in ``stats.inputs``."""
-    rejector = Rejector(path, on_error, stats.reject)
+    parser: ChunkParser, path: Path, source: int, on_error: str, stats: IngestStats,
+) -> Iterator[ParsedChunk]:
+    """The parsed chunks of one input, in order; counts it and its rejections in ``stats``."""
     counts = {"file": path.name, "records": 0, "residues": 0}
     with progress_bar(desc=f"ingest {path.name}", unit=" seq", unit_scale=True) as bar:
-        for raw in iter_raw_records(path, chunk_bytes):
-            counts["records"] += len(raw)
-            counts["residues"] += int(raw.offsets[-1])
-            yield chunk_frame(raw, clean(raw, rejector), source, rejector)
-            bar.update(len(raw))
+        for chunk in parser.parse(path, source, on_error):
+            counts["records"] += chunk.records
+            counts["residues"] += chunk.residues
+            stats.residue_counts += chunk.residue_counts
+            for reason, message in chunk.rejections:
+                stats.reject(reason, message)
+            yield chunk
+            bar.update(chunk.records)
             bar.set_postfix_str(f"{format_sizeof(counts['residues'], divisor=1024)} residues")
     stats.inputs.append(counts)
 
@@ -210,8 +177,14 @@ def ingest(
     chunk_bytes: int = 16 << 20,
     row_group_rows: int = 100_000,
     bucket_bytes: int = 128 << 20,
+    workers: int = 0,
+    worker_kind: str = "auto",
 ) -> dict:
-    """Ingest FASTA files into ``out_dir``; returns the stats written to ``stats/ingest.json``."""
+    """Ingest FASTA files into ``out_dir``; returns the stats written to ``stats/ingest.json``.
+
+    ``workers`` threads or processes (``worker_kind``: "thread", "process", or "auto": threads
+    up to 4 workers, processes beyond) parse the chunks (0: one per usable CPU; 1: the calling
+    thread); the outputs do not depend on either."""
     sources = [Path(p) for p in inputs]
     out = BuildDir(out_dir)
     stats = IngestStats()
@@ -219,22 +192,20 @@ def ingest(
     n_buckets = plan_buckets(sources, bucket_bytes)
     with scratch_dir(out, "ingest") as tmp:
         # One partition: keep the chunk frames (as much memory as reading it back would take).
-        frames: list[pl.DataFrame] | None = [] if n_buckets == 1 else None
-        with (BucketWriter(tmp, "seq", n_buckets) as seq_buckets,
-              BucketWriter(tmp, "acc", n_buckets) as acc_buckets):
+        in_memory = n_buckets == 1
+        frames: list[pl.DataFrame] = []
+        with ChunkParser(workers, chunk_bytes, None if in_memory else tmp, n_buckets,
+                         worker_kind) as parser:
             for source, path in enumerate(sources):
-                for df in _read_input(path, source, on_error, chunk_bytes, stats):
-                    if frames is not None:
-                        frames.append(df)
-                    else:
-                        seq_buckets.write(df, _seq_bucket(n_buckets))
-                        acc_buckets.write(df.select(ACC_COLUMNS), _acc_bucket(n_buckets))
-        seq_paths: list[Partition] = seq_buckets.close()  # closed: the paths
-        acc_paths: list[Partition] = acc_buckets.close()
-        if frames is not None:
-            frames = [f for f in frames if not f.is_empty()]
+                for chunk in _read_input(parser, path, source, on_error, stats):
+                    if in_memory and not chunk.frame.is_empty():
+                        frames.append(chunk.frame)
+        if in_memory:
             seq_paths = acc_paths = [pl.concat(frames, rechunk=False) if frames else None]
             del frames
+        else:
+            seq_paths = partition_files(tmp, "seq", n_buckets)
+            acc_paths = partition_files(tmp, "acc", n_buckets)
         drops = _duplicate_accessions(acc_paths, sources, on_error, stats)
         return _finish(out, seq_paths, drops, stats, row_group_rows)
 
@@ -244,7 +215,8 @@ PART_INFO = "part.json"
 
 def ingest_part(
     inputs: Sequence[str | Path], index: int, part_dir: str | Path, *, on_error: str = "fail",
-    chunk_bytes: int = 16 << 20, bucket_bytes: int = 128 << 20,
+    chunk_bytes: int = 16 << 20, bucket_bytes: int = 128 << 20, workers: int = 0,
+    worker_kind: str = "auto",
 ) -> dict:
     """Parse input ``index`` into ``part_dir`` (partitions planned over all inputs, and
     ``part.json``), one job per input: :func:`merge_parts` then finishes exactly as
@@ -257,14 +229,13 @@ def ingest_part(
     stats = IngestStats()
     dest = Path(part_dir)
     with atomic_dir(dest) as tmp:
-        with (BucketWriter(tmp, "seq", n_buckets) as seq_buckets,
-              BucketWriter(tmp, "acc", n_buckets) as acc_buckets):
-            for df in _read_input(sources[index], index, on_error, chunk_bytes, stats):
-                seq_buckets.write(df, _seq_bucket(n_buckets))
-                acc_buckets.write(df.select(ACC_COLUMNS), _acc_bucket(n_buckets))
+        with ChunkParser(workers, chunk_bytes, tmp, n_buckets, worker_kind) as parser:
+            for _ in _read_input(parser, sources[index], index, on_error, stats):
+                pass
         info = {"index": index, "file": str(sources[index]), "partitions": n_buckets,
                 "input": stats.inputs[0], "rejected": dict(stats.rejected),
-                "rejected_examples": stats.examples}
+                "rejected_examples": stats.examples,
+                "residue_counts": stats.residue_counts.tolist()}
         (tmp / PART_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -292,6 +263,7 @@ def merge_parts(
         infos.append(info)
         stats.inputs.append(info["input"])
         stats.rejected.update(info["rejected"])
+        stats.residue_counts += np.asarray(info["residue_counts"], np.int64)
         stats.examples.extend(info["rejected_examples"][: 20 - len(stats.examples)])
     counts = sorted({info["partitions"] for info in infos})
     if len(counts) != 1:
@@ -300,11 +272,9 @@ def merge_parts(
 
     def partitions(prefix: str) -> list[Partition]:
         """Partition i of every part that has one, in input order (None: empty everywhere)."""
-        found: list[Partition] = []
-        for i in range(counts[0]):
-            files = [f for f in (p / f"{prefix}-{i:05d}.parquet" for p in parts) if f.is_file()]
-            found.append(files or None)
-        return found
+        per_part = [partition_files(p, prefix, counts[0]) for p in parts]
+        return [[f for files in per_part for f in files[i] or []] or None
+                for i in range(counts[0])]
 
     drops = _duplicate_accessions(partitions("acc"), sources, on_error, stats)
     return _finish(BuildDir(out_dir), partitions("seq"), drops, stats, row_group_rows)
@@ -320,24 +290,31 @@ def _finish(
     with atomic_path(seq_out) as tmp_seq, atomic_path(rec_out) as tmp_rec:
         uniques_sink = ParquetSink(tmp_seq, row_group_rows)
         records_sink = ParquetSink(tmp_rec, row_group_rows)
-        # The two files are encoded side by side, in threads (Parquet writing releases the GIL).
+        # The two files are encoded side by side, in threads (Parquet writing releases the GIL),
+        # while this thread collapses the next partition.
         pool = ThreadPoolExecutor(2, thread_name_prefix="ingest-write")
+        writing: list[Future[None]] = []
         try:
             for path in seq_paths:
                 if path is None:
                     continue
                 df = _load(path)
-                if not drops.is_empty():
+                if not drops.is_empty():  # duplicate accessions skipped: uncount their residues
+                    dropped = df.join(drops, on=["source", "line"], how="semi")
+                    stats.residue_counts -= residue_counts(dropped.get_column("sequence"))
                     df = df.join(drops, on=["source", "line"], how="anti")
                 stats.add_lengths(df.get_column("length").to_numpy())
-                stats.residue_counts += _residue_counts(df.get_column("sequence"))
                 uniques, records = _collapse(df)
                 del df
                 unique_residues += int(uniques.get_column("length").sum())
-                _in_parallel(pool, (uniques_sink.write, uniques), (records_sink.write, records))
+                _wait_all(writing)
+                writing = [pool.submit(uniques_sink.write, uniques),
+                           pool.submit(records_sink.write, records)]
+                del uniques, records
         finally:
             try:
-                _in_parallel(pool, (uniques_sink.close,), (records_sink.close,))
+                _wait_all(writing)
+                _wait_all([pool.submit(uniques_sink.close), pool.submit(records_sink.close)])
             finally:
                 pool.shutdown(wait=True)
         if uniques_sink.rows == 0:
@@ -347,9 +324,8 @@ def _finish(
     return report
 
 
-def _in_parallel(pool: ThreadPoolExecutor, *calls: tuple) -> None:
-    """Run each ``(function, *args)`` in ``pool``; wait for all, then raise the first error."""
-    futures = [pool.submit(*call) for call in calls]
+def _wait_all(futures: list[Future[None]]) -> None:
+    """Wait for every one of ``futures``, then raise the first error."""
     wait(futures)
     for future in futures:
         future.result()
@@ -382,18 +358,21 @@ def _report(stats: IngestStats, unique: int, unique_residues: int) -> dict:
     }
 
 
-def run(cfg: BuildConfig, part: int | None = None, merge: bool = False) -> dict:
-    """The ingest stage of a build: all inputs in one process; or one input (``part``), or the
-    merge of all parts, so that a build's inputs are parsed as parallel jobs (the Snakefile's
-    ``ingest_part`` rule)."""
+def run(cfg: BuildConfig, part: int | None = None, merge: bool = False,
+        worker_kind: str = "auto") -> dict:
+    """The ingest stage of a build (``cfg.threads`` processes parse): all inputs in one run;
+    or one input (``part``), or the merge of all parts, so that a build's inputs are parsed as
+    parallel jobs (the Snakefile's ``ingest_part`` rule)."""
     opts = cfg.ingest
     inputs = [cfg.raw_path(item) for item in cfg.fasta_inputs]
     if part is not None:
         return ingest_part(inputs, part, cfg.out.ingest_part(part), on_error=opts.on_error,
-                           chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes)
+                           chunk_bytes=opts.chunk_bytes, bucket_bytes=opts.bucket_bytes,
+                           workers=cfg.threads, worker_kind=worker_kind)
     if merge:
         parts = [cfg.out.ingest_part(i) for i in range(len(inputs))]
         return merge_parts(inputs, parts, cfg.out_dir, on_error=opts.on_error,
                            row_group_rows=opts.row_group_rows)
     return ingest(inputs, cfg.out_dir, on_error=opts.on_error, chunk_bytes=opts.chunk_bytes,
-                  row_group_rows=opts.row_group_rows, bucket_bytes=opts.bucket_bytes)
+                  row_group_rows=opts.row_group_rows, bucket_bytes=opts.bucket_bytes,
+                  workers=cfg.threads, worker_kind=worker_kind)

@@ -6,9 +6,22 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+
+# Partitions are scratch: uncompressed Arrow IPC streams write and read at memory speed, and each write
+# appends one record batch to its partition's file.
+_IPC_OPTIONS = ipc.IpcWriteOptions(compression=None)
+
+
+def read_partition(path: Path | list[Path], columns: list[str] | None = None) -> pl.DataFrame:
+    """A partition written by :class:`BucketWriter`: one file, or several (concatenated)."""
+    if isinstance(path, list):
+        return pl.concat([read_partition(p, columns) for p in path], rechunk=False)
+    return pl.read_ipc_stream(path, columns=columns)
 
 
 class BucketWriter:
@@ -17,11 +30,13 @@ class BucketWriter:
     Encoding and writing run in one background thread (Arrow releases the GIL), so they overlap
     the caller's work on the next chunk; at most ``depth`` chunks wait, which bounds memory.
     Each partition receives its rows in the order ``write`` was called, whatever the timing.
+    Read a partition back with :func:`read_partition`.
     """
 
     def __init__(self, root: Path, prefix: str, n: int, depth: int = 2) -> None:
-        self.paths = [root / f"{prefix}-{i:05d}.parquet" for i in range(n)]
-        self.writers: list[pq.ParquetWriter | None] = [None] * n
+        self.paths = [root / f"{prefix}-{i:05d}.arrows" for i in range(n)]
+        self.writers: list[ipc.RecordBatchStreamWriter | None] = [None] * n
+        self.files: list[pa.NativeFile | None] = [None] * n
         self.n = n
         self.depth = depth
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"{prefix}-writer")
@@ -48,15 +63,26 @@ class BucketWriter:
                 "_b", as_dict=True, include_key=False
             )
             parts = [(int(b), part) for (b,), part in split.items()]
+        self._submit([(i, part.to_arrow()) for i, part in parts])
+
+    def write_grouped(self, table: pa.Table, counts: np.ndarray) -> None:
+        """Append a table whose rows are already grouped by partition: ``counts[i]`` rows of
+        partition ``i``, in partition order (what :func:`group_rows` makes)."""
+        ends = np.cumsum(counts).tolist()
+        starts = [0, *ends[:-1]]
+        self._submit([(i, table.slice(a, b - a))
+                      for i, (a, b) in enumerate(zip(starts, ends, strict=True)) if b > a])
+
+    def _submit(self, parts: list[tuple[int, pa.Table]]) -> None:
         while len(self._pending) >= self.depth:
             self._pending.popleft().result()  # re-raises a failed write here
         self._pending.append(self._pool.submit(self._append_all, parts))
 
-    def _append_all(self, parts: list[tuple[int, pl.DataFrame]]) -> None:
-        for i, df in parts:
-            table = df.to_arrow()
+    def _append_all(self, parts: list[tuple[int, pa.Table]]) -> None:
+        for i, table in parts:
             if self.writers[i] is None:
-                self.writers[i] = pq.ParquetWriter(self.paths[i], table.schema, compression="lz4")
+                self.files[i] = pa.OSFile(str(self.paths[i]), "wb")
+                self.writers[i] = ipc.new_stream(self.files[i], table.schema, options=_IPC_OPTIONS)
             self.writers[i].write_table(table)
 
     def close(self) -> list[Path | None]:
@@ -72,13 +98,27 @@ class BucketWriter:
                 error = error or err
         self._pool.shutdown(wait=True)
         out: list[Path | None] = []
-        for path, writer in zip(self.paths, self.writers, strict=True):
+        for i, (path, writer) in enumerate(zip(self.paths, self.writers, strict=True)):
             if writer is not None:
-                writer.close()
-            out.append(path if writer is not None else None)
+                try:
+                    writer.close()
+                finally:
+                    self.files[i].close()
+                self.writers[i] = self.files[i] = None
+                out.append(path)
+            else:
+                out.append(path if path.is_file() else None)
         if error is not None:
             raise error
         return out
+
+
+def group_rows(table: pa.Table, keys: np.ndarray, n: int) -> tuple[pa.Table, np.ndarray]:
+    """``table`` with its rows grouped by partition ``keys`` (stable: each partition keeps the
+    rows' order), and the row count of each of the ``n`` partitions; for
+    :meth:`BucketWriter.write_grouped`."""
+    counts = np.bincount(keys, minlength=n)
+    return table.take(np.argsort(keys, kind="stable")), counts
 
 
 class ParquetSink:

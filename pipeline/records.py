@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.errors import InputFormatError
 from pipeline.fasta import RawRecords, iter_raw_records
@@ -123,34 +124,83 @@ def read_sequences(
             yield record_id, residues[offsets[i] : offsets[i + 1]].decode("ascii")
 
 
-def md5_hex(residues: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Array:
-    """md5 hex digests of each ``residues[start[i]:end[i]]``, as a LargeString array."""
+_COUNT_BLOCK = 1 << 20
+
+
+def byte_counts(data: np.ndarray) -> np.ndarray:
+    """Counts of each byte value in a uint8 array."""
+    counts = np.zeros(256, np.int64)
+    if len(data) % 2:
+        counts[data[-1]] += 1
+        data = data[:-1]
+    pairs = np.zeros(1 << 16, np.int64)
+    data = data.view(np.uint16)  # counting byte pairs halves the work
+    for i in range(0, len(data), _COUNT_BLOCK):  # cache-sized blocks: ~15x faster
+        pairs += np.bincount(data[i : i + _COUNT_BLOCK], minlength=1 << 16)
+    pairs = pairs.reshape(256, 256)
+    return counts + pairs.sum(axis=0) + pairs.sum(axis=1)
+
+
+def residue_counts(sequences: pl.Series) -> np.ndarray:
+    """Counts of each byte value over a String series (reads the Arrow data buffer)."""
+    counts = np.zeros(256, np.int64)
+    arr = sequences.to_arrow()
+    for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
+        chunk = chunk.cast(pa.large_binary())
+        offsets = np.frombuffer(chunk.buffers()[1], np.int64)
+        lo, hi = offsets[chunk.offset], offsets[chunk.offset + len(chunk)]
+        counts += byte_counts(np.frombuffer(chunk.buffers()[2], np.uint8)[lo:hi])
+    return counts
+
+
+def md5_digests(residues: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The 16-byte md5 digest of each ``residues[start[i]:end[i]]``, as rows of a uint8 array."""
     view = memoryview(residues)
     spans = zip(start.tolist(), end.tolist(), strict=True)
     digests = b"".join([_md5(view[a:b]).digest() for a, b in spans])
-    nibbles = np.frombuffer(digests, np.uint8)
+    return np.frombuffer(digests, np.uint8).reshape(-1, 16)
+
+
+def hex_strings(digests: np.ndarray) -> pa.Array:
+    """Lower-case hex of each digest row, as a LargeString array."""
+    nibbles = digests.ravel()
     hexed = np.column_stack([_HEX[nibbles >> 4], _HEX[nibbles & 15]]).ravel()
-    offsets = np.arange(0, 32 * len(start) + 1, 32, dtype=np.int64)
+    width = 2 * digests.shape[1]
+    offsets = np.arange(0, width * len(digests) + 1, width, dtype=np.int64)
     return pa.LargeStringArray.from_buffers(
-        len(start), pa.py_buffer(offsets), pa.py_buffer(hexed)
+        len(digests), pa.py_buffer(offsets), pa.py_buffer(hexed)
     )
 
 
-def chunk_frame(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -> pl.DataFrame:
+@dataclass
+class ChunkRows:
+    """A chunk's accepted records as an Arrow table (``RECORD_SCHEMA`` order), with each
+    record's md5 digest (rows of 16 bytes) and the residue counts of all of them."""
+
+    table: pa.Table
+    digests: np.ndarray
+    residue_counts: np.ndarray
+
+
+def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -> ChunkRows:
+    """The accepted records of a chunk: header fields, length, sequence, md5, source, line."""
     idx = clean.index
     parsed = parse_header_bytes(raw.data, raw.header_start[idx], raw.header_end[idx])
-    empty = parsed.get_column("accession").str.len_bytes() == 0
+    empty = np.asarray(pc.binary_length(parsed.column("accession"))) == 0
     if empty.any():
-        for i in idx[np.flatnonzero(empty.to_numpy())].tolist():
+        for i in idx[np.flatnonzero(empty)].tolist():
             rejector("empty_header", raw.header(i), int(raw.lines[i]), "header has no identifier")
-        keep = ~empty
-        parsed = parsed.filter(keep)
-        idx = idx[keep.to_numpy()]
+        parsed = parsed.filter(pa.array(~empty))
+        idx = idx[~empty]
     start, end = clean.offsets[idx], clean.offsets[idx + 1]
-    return parsed.with_columns(
-        pl.Series("length", end - start, dtype=pl.Int64),
-        pl.Series("sequence", gather_strings(clean.residues, start, end)),
-        pl.Series("seq_hash", md5_hex(clean.residues, start, end)),
-        pl.lit(source, dtype=pl.Int32).alias("source"),
-        pl.Series("line", raw.lines[idx], dtype=pl.Int64),
-    )
+    sequences = gather_strings(clean.residues, start, end)
+    n_residues = int((end - start).sum())
+    counts = byte_counts(np.frombuffer(sequences.buffers()[2], np.uint8)[:n_residues])
+    digests = md5_digests(clean.residues, start, end)
+    table = (parsed
+             .append_column("length", pa.array(end - start, pa.int64()))
+             .append_column("sequence", sequences)
+             .append_column("seq_hash", hex_strings(digests))
+             .append_column("source", pa.array(np.full(len(idx), source, np.int32)))
+             .append_column("line", pa.array(raw.lines[idx].astype(np.int64))))
+    return ChunkRows(table, digests, counts)

@@ -46,7 +46,7 @@ from pipeline.checksums import sha256_file
 from pipeline.config import BuildConfig, ShardsConfig
 from pipeline.errors import PipelineError
 from pipeline.ids import ENTRIES, accession_of, cluster_hash, entries_sum, order_key
-from pipeline.partition import BucketWriter
+from pipeline.partition import BucketWriter, read_partition
 from pipeline.progress import format_sizeof, progress_bar
 from pipeline.split import final_splits
 
@@ -282,8 +282,8 @@ def _join_partition(
     rows_path: Path, seqs_path: Path | None, splits: pl.DataFrame, seed: int
 ) -> pl.DataFrame:
     """One partition's rep90 rows with their sequence, split and cluster order key."""
-    rows = pl.read_parquet(rows_path)
-    seqs = pl.read_parquet(seqs_path) if seqs_path else pl.DataFrame(
+    rows = read_partition(rows_path)
+    seqs = read_partition(seqs_path) if seqs_path else pl.DataFrame(
         schema={"acc": pl.String, "sequence": pl.String})
     joined = rows.join(seqs, on="acc", how="left").join(splits, on="rep50", how="left")
     if joined.get_column("sequence").null_count() or joined.get_column("split").null_count():
@@ -325,7 +325,7 @@ def write_shards(out_dir: str | Path, cfg: ShardsConfig, seed: int,
             for path in ordered:
                 if path is None:
                     continue
-                for split, sample in _samples(pl.read_parquet(path)):
+                for split, sample in _samples(read_partition(path)):
                     if split == EXCLUDED:
                         continue
                     writers[split].write(sample)

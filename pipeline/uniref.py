@@ -32,7 +32,7 @@ from pipeline.build_dir import BuildDir
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
 from pipeline.ids import ENTRIES, uniref_id
-from pipeline.partition import BucketWriter
+from pipeline.partition import BucketWriter, read_partition
 from pipeline.stats import size_stats
 
 NS = "{http://uniprot.org/uniref}"
@@ -164,7 +164,7 @@ def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK
             writer.close()
         for part in buckets.close():
             if part is not None:
-                _check_unique(path, pl.read_parquet(part))
+                _check_unique(path, read_partition(part))
     return {"uniref50_entries": entries, "uniref90_clusters": clusters,
             "uniprot_members": members}
 

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.fasta import _split
+from pipeline.fasta import split_records
 from pipeline.headers import parse_header_bytes, parse_headers
 
 _PIECES = [
@@ -39,7 +39,7 @@ def test_header_parser_matches_the_regex_definition() -> None:
     data = b"\n".join(headers)
     lengths = np.array([len(h) for h in headers])
     start = np.r_[0, np.cumsum(lengths + 1)[:-1]]
-    got = parse_header_bytes(np.frombuffer(data, np.uint8), start, start + lengths)
+    got = pl.from_arrow(parse_header_bytes(np.frombuffer(data, np.uint8), start, start + lengths))
     want = parse_headers(
         pl.Series("header", [h.decode("utf-8", "replace") for h in headers], dtype=pl.String)
     )
@@ -64,7 +64,7 @@ def test_split_matches_the_per_record_definition(seed: int) -> None:
     rng = random.Random(seed)
     parts = [">", "\n", "\r\n", "\n>", " ", "\t", "MKV", "acd*", "*", "\x0b", "\x00", "é", "x y"]
     body = ">" + "".join(rng.choice(parts) for _ in range(rng.randint(0, 400)))
-    raw = _split(body.encode(), 5)
+    raw = split_records(body.encode(), 5)
     headers, seqs, lines = _reference_split(body.encode(), 5)
     assert [raw.header(i) for i in range(len(raw))] == headers
     assert [raw.residues[raw.offsets[i] : raw.offsets[i + 1]].tobytes()

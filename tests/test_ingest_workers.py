@@ -1,0 +1,97 @@
+"""Parallel chunk parsing: any number and kind of workers gives the bytes, the errors and the
+rejection examples of a one-worker ingest."""
+
+from __future__ import annotations
+
+import gzip
+import random
+from pathlib import Path
+
+import pytest
+
+from pipeline.errors import InputFormatError
+from pipeline.ingest import ingest, ingest_part, merge_parts
+from tests.helpers import SAMPLE_FASTA, halves_of_sample, write_fasta
+
+OUTPUTS = ("sequences.parquet", "records.parquet", "stats/ingest.json")
+CHUNK = 1 << 14  # the sample is ~60 chunks: every worker gets many
+
+
+def outputs(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in OUTPUTS}
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+@pytest.mark.parametrize("bucket_bytes", [1 << 30, 1 << 16], ids=["in-memory", "partitions"])
+def test_workers_write_the_bytes_of_one_worker(tmp_path: Path, kind: str,
+                                               bucket_bytes: int) -> None:
+    one = ingest([SAMPLE_FASTA], tmp_path / "one", chunk_bytes=CHUNK, bucket_bytes=bucket_bytes,
+                 row_group_rows=1000, workers=1)
+    many = ingest([SAMPLE_FASTA], tmp_path / "many", chunk_bytes=CHUNK,
+                  bucket_bytes=bucket_bytes, row_group_rows=1000, workers=3, worker_kind=kind)
+    assert many == one and one["records_kept"] == 4192 and one["unique_sequences"] == 2887
+    assert outputs(tmp_path / "many") == outputs(tmp_path / "one")
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [
+        "records.parquet", "sequences.parquet", "stats"]  # no scratch left
+
+
+def _records(n: int, bad: dict[int, str]) -> str:
+    """``n`` records of 300 random residues; record i's sequence is ``bad[i]`` where given."""
+    rng = random.Random(0)
+    out = []
+    for i in range(n):
+        seq = "".join(rng.choices("ACDEFGHIKLMNPQRSTVWY", k=300))
+        seq = bad.get(i, seq)
+        out.append(f">sp|P{i:05d}|E{i}_HUMAN Entry {i} OS=Homo sapiens OX=9606\n{seq}\n")
+    return "".join(out)
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_the_first_bad_record_in_the_file_is_reported(tmp_path: Path, kind: str) -> None:
+    bad = {700: "MKV1", 150: "MKVJ", 400: ""}
+    fasta = write_fasta(tmp_path / "bad.fa", _records(1000, bad))
+    with pytest.raises(InputFormatError) as one:
+        ingest([fasta], tmp_path / "one", chunk_bytes=CHUNK, workers=1)
+    with pytest.raises(InputFormatError) as many:
+        ingest([fasta], tmp_path / "many", chunk_bytes=CHUNK, workers=2, worker_kind=kind)
+    assert str(many.value) == str(one.value)
+    assert "bad.fa: record P00150 (line 301): invalid residue 'J' at position 4" in str(one.value)
+    assert not (tmp_path / "many").exists() or list((tmp_path / "many").rglob("*")) == []
+
+    skip_one = ingest([fasta], tmp_path / "s1", chunk_bytes=CHUNK, workers=1, on_error="skip")
+    skip_many = ingest([fasta], tmp_path / "s2", chunk_bytes=CHUNK, workers=2, worker_kind=kind,
+                       on_error="skip")
+    assert skip_many == skip_one
+    assert skip_one["rejected_by_reason"] == {"empty_sequence": 1, "invalid_residue": 2}
+    assert [m.split(": record ")[1][:6] for m in skip_one["rejected_examples"]] == [
+        "P00150", "P00400", "P00700"]
+
+
+@pytest.mark.parametrize("kind", ["thread", "process"])
+def test_a_truncated_gzip_after_a_bad_record_reports_the_record(tmp_path: Path,
+                                                                kind: str) -> None:
+    text = _records(2000, {30: "MK*V"})
+    data = gzip.compress(text.encode(), mtime=0)
+    cut = tmp_path / "cut.fa.gz"
+    cut.write_bytes(data[: len(data) * 3 // 4])
+    with pytest.raises(InputFormatError, match=r"record P00030 \(line 61\): invalid residue '\*'"):
+        ingest([cut], tmp_path / "a", chunk_bytes=CHUNK, workers=2, worker_kind=kind)
+    clean = gzip.compress(_records(2000, {}).encode(), mtime=0)
+    cut.write_bytes(clean[: len(clean) * 3 // 4])
+    with pytest.raises(InputFormatError, match=r"cut\.fa\.gz: truncated gzip stream"):
+        ingest([cut], tmp_path / "b", chunk_bytes=CHUNK, workers=2, worker_kind=kind)
+    for out in (tmp_path / "a", tmp_path / "b"):
+        assert not out.exists() or list(out.rglob("*")) == []  # nothing half-written
+
+
+def test_parts_parsed_by_workers_merge_to_the_bytes_of_one_ingest(tmp_path: Path) -> None:
+    a, b, both = halves_of_sample(tmp_path)
+    ingest([both], tmp_path / "whole", bucket_bytes=1 << 16, row_group_rows=1000, workers=1)
+    parts = [tmp_path / "parts" / str(i) for i in range(2)]
+    for i in range(2):
+        ingest_part([a, b], i, parts[i], chunk_bytes=CHUNK, bucket_bytes=1 << 16, workers=2)
+        assert len(list(parts[i].glob("w*/seq-*.arrows"))) > 2  # both workers wrote
+    merge_parts([a, b], parts, tmp_path / "merged", row_group_rows=1000)
+    for name in OUTPUTS[:2]:
+        assert (tmp_path / "merged" / name).read_bytes() == \
+            (tmp_path / "whole" / name).read_bytes(), name
