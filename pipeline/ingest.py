@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.atomic import atomic_dir, atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
@@ -29,7 +31,7 @@ from pipeline.config import BuildConfig
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
 from pipeline.ingest_chunks import ACC_COLUMNS, ChunkParser, ParsedChunk, partition_files
-from pipeline.partition import ParquetSink, read_partition
+from pipeline.partition import ParquetSink, read_partition_table
 from pipeline.progress import format_sizeof, progress_bar
 from pipeline.records import RESIDUES, residue_counts
 
@@ -86,15 +88,13 @@ def plan_buckets(paths: Sequence[Path], bucket_bytes: int) -> int:
     return max(1, math.ceil(total / bucket_bytes))
 
 
-Partition = Path | list[Path] | pl.DataFrame | None
+Partition = Path | list[Path] | pa.Table | None
 
 
-def _load(part: Path | list[Path] | pl.DataFrame, columns: list[str] | None = None) -> pl.DataFrame:
-    """A partition: file(s) on disk (one per ingest part, in input order), or (when there is
-    only one partition) the frame itself."""
-    if isinstance(part, pl.DataFrame):
-        return part.select(columns) if columns else part
-    return read_partition(part, columns)
+def _load(part: Path | list[Path] | pa.Table) -> pa.Table:
+    """A partition: file(s) on disk (one per ingest part, in input order), or
+    (when there is only one partition) the table itself."""
+    return part if isinstance(part, pa.Table) else read_partition_table(part)
 
 
 def _duplicate_accessions(
@@ -106,7 +106,7 @@ def _duplicate_accessions(
     for path in buckets:
         if path is None:
             continue
-        df = _load(path, ACC_COLUMNS).sort(["accession", "source", "line"])
+        df = pl.from_arrow(_load(path).select(ACC_COLUMNS)).sort(["accession", "source", "line"])
         dups = df.filter(pl.col("accession").is_first_distinct().not_())
         if dups.is_empty():
             continue
@@ -131,18 +131,40 @@ def _duplicate_accessions(
     return pl.concat(drops)
 
 
-def _collapse(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Sort a partition and collapse identical sequences; Swiss-Prot, then lowest accession wins."""
-    df = df.sort([pl.col("seq_hash"), (pl.col("db") != "sp"), pl.col("accession")])
+def _collapse(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """Sort a partition and collapse identical sequences; Swiss-Prot, then lowest accession wins.
+
+    Returns (uniques, records) in ``SEQUENCE_COLUMNS`` and ``RECORD_COLUMNS``; each column is
+    taken from the partition once (the sequences only for the representatives)."""
+    not_sp = pc.not_equal(table.column("db"), "sp")
+    keys = pa.table({"seq_hash": table.column("seq_hash"), "not_sp": not_sp,
+                     "accession": table.column("accession")})
+    order = pc.sort_indices(keys, sort_keys=[("seq_hash", "ascending"), ("not_sp", "ascending"),
+                                             ("accession", "ascending")])
+    records = table.select(RECORD_COLUMNS[:-1]).take(order).combine_chunks()
     # Sorted, each sequence's records are one run: its first row is the representative.
-    first = pl.col("seq_hash") != pl.col("seq_hash").shift(1, fill_value="")
-    df = df.with_columns(
-        pl.when(first).then(pl.col("accession")).forward_fill().alias("rep_accession"),
-        pl.len().over(first.cum_sum()).cast(pl.Int64).alias("n_records"),
-    )
-    records = df.select(RECORD_COLUMNS)
-    uniques = df.filter(pl.col("accession") == pl.col("rep_accession")).select(SEQUENCE_COLUMNS)
+    hashes = _fixed_width_rows(records.column("seq_hash"))
+    first = np.ones(len(hashes), bool)
+    first[1:] = (hashes[1:] != hashes[:-1]).any(axis=1)
+    starts = np.flatnonzero(first)
+    run = np.cumsum(first) - 1
+    n_records = np.diff(np.append(starts, len(hashes)))
+    records = records.append_column("rep_accession", records.column("accession").take(starts[run]))
+    uniques = (table.select(SEQUENCE_COLUMNS[:-1]).take(order.take(starts)).combine_chunks()
+               .append_column("n_records", pa.array(n_records, pa.int64())))
     return uniques, records
+
+
+def _fixed_width_rows(strings: pa.ChunkedArray) -> np.ndarray:
+    """The bytes of equal-length strings (md5 hex digests) as rows of 8-byte words."""
+    arr = strings.chunk(0) if strings.num_chunks else pa.array([], pa.large_string())
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    width = 32
+    if len(arr) and not (np.diff(offsets) == width).all():
+        raise AssertionError("seq_hash values must be 32-character md5 hex digests")
+    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0] : offsets[-1]] if len(arr) \
+        else np.zeros(0, np.uint8)
+    return data.view(np.uint64).reshape(-1, width // 8)
 
 
 def _read_input(
@@ -191,18 +213,18 @@ def ingest(
     _check_inputs(sources)
     n_buckets = plan_buckets(sources, bucket_bytes)
     with scratch_dir(out, "ingest") as tmp:
-        # One partition: keep the chunk frames (as much memory as reading it back would take).
+        # One partition: keep the chunk tables (as much memory as reading it back would take).
         in_memory = n_buckets == 1
-        frames: list[pl.DataFrame] = []
+        tables: list[pa.Table] = []
         with ChunkParser(workers, chunk_bytes, None if in_memory else tmp, n_buckets,
                          worker_kind) as parser:
             for source, path in enumerate(sources):
                 for chunk in _read_input(parser, path, source, on_error, stats):
-                    if in_memory and not chunk.frame.is_empty():
-                        frames.append(chunk.frame)
+                    if in_memory and chunk.table.num_rows:
+                        tables.append(chunk.table)
         if in_memory:
-            seq_paths = acc_paths = [pl.concat(frames, rechunk=False) if frames else None]
-            del frames
+            seq_paths = acc_paths = [pa.concat_tables(tables) if tables else None]
+            del tables
         else:
             seq_paths = partition_files(tmp, "seq", n_buckets)
             acc_paths = partition_files(tmp, "acc", n_buckets)
@@ -290,23 +312,24 @@ def _finish(
     with atomic_path(seq_out) as tmp_seq, atomic_path(rec_out) as tmp_rec:
         uniques_sink = ParquetSink(tmp_seq, row_group_rows)
         records_sink = ParquetSink(tmp_rec, row_group_rows)
-        # The two files are encoded side by side, in threads (Parquet writing releases the GIL),
-        # while this thread collapses the next partition.
-        pool = ThreadPoolExecutor(2, thread_name_prefix="ingest-write")
+        # One writer thread encodes both files (Parquet writing releases the GIL) while this
+        # thread collapses the next partition; a second writer thread measured slower on 2 cores.
+        pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-write")
         writing: list[Future[None]] = []
         try:
             for path in seq_paths:
                 if path is None:
                     continue
-                df = _load(path)
+                table = _load(path)
                 if not drops.is_empty():  # duplicate accessions skipped: uncount their residues
-                    dropped = df.join(drops, on=["source", "line"], how="semi")
-                    stats.residue_counts -= residue_counts(dropped.get_column("sequence"))
-                    df = df.join(drops, on=["source", "line"], how="anti")
-                stats.add_lengths(df.get_column("length").to_numpy())
-                uniques, records = _collapse(df)
-                del df
-                unique_residues += int(uniques.get_column("length").sum())
+                    dropped = np.isin(_record_keys(table), _record_keys(drops))
+                    sequences = table.column("sequence").filter(pa.array(dropped))
+                    stats.residue_counts -= residue_counts(sequences)
+                    table = table.filter(pa.array(~dropped))
+                stats.add_lengths(table.column("length").to_numpy())
+                uniques, records = _collapse(table)
+                del table
+                unique_residues += int(pc.sum(uniques.column("length")).as_py() or 0)
                 _wait_all(writing)
                 writing = [pool.submit(uniques_sink.write, uniques),
                            pool.submit(records_sink.write, records)]
@@ -322,6 +345,12 @@ def _finish(
         report = _report(stats, uniques_sink.rows, unique_residues)
         write_text_atomic(out.stats("ingest"), json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _record_keys(rows: pa.Table | pl.DataFrame) -> np.ndarray:
+    """One int64 per record: its (source, line)."""
+    source, line = (np.asarray(rows["source"], np.int64), np.asarray(rows["line"], np.int64))
+    return (source << 40) | line
 
 
 def _wait_all(futures: list[Future[None]]) -> None:

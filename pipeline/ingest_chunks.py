@@ -36,11 +36,11 @@ _SMALL_INPUT_CHUNKS = 2  # inputs of at most this many chunks are parsed in this
 MAX_AUTO_THREADS = 4
 
 
-def seq_buckets(digests: np.ndarray, n_buckets: int) -> np.ndarray:
-    """Partition of each record by its sequence's md5 (identical sequences meet in one): the
-    digest's first 24 bits scaled to ``n_buckets``."""
-    top = (digests[:, 0].astype(np.int64) << 16) | (digests[:, 1].astype(np.int64) << 8)
-    return ((top | digests[:, 2]) * n_buckets) >> 24
+def seq_buckets(seq_hash: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
+    """Partition of each record by its sequence's md5 hex (identical sequences meet in one):
+    the digest's first 24 bits scaled to ``n_buckets``, so partitions follow hash order."""
+    top = pl.Series(seq_hash).str.slice(0, 6).str.to_integer(base=16).to_numpy()
+    return (top.astype(np.int64) * n_buckets) >> 24
 
 
 def acc_buckets(accessions: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
@@ -52,7 +52,7 @@ def acc_buckets(accessions: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.nd
 @dataclass(frozen=True)
 class BlockTask:
     """One block of whole records of input ``source`` (``path``), starting on ``first_line``;
-    its rows go to ``n_buckets`` partitions under ``partition_dir`` (None: kept as a frame)."""
+    its rows go to ``n_buckets`` partitions under ``partition_dir`` (None: kept as a table)."""
 
     path: Path
     source: int
@@ -72,7 +72,7 @@ class ParsedChunk:
     residues: int
     residue_counts: np.ndarray  # of the accepted records
     rejections: list[tuple[str, str]] = field(default_factory=list)
-    frame: pl.DataFrame | None = None
+    table: pa.Table | None = None
 
 
 # The partition writers of this process, by directory: a worker appends every block it parses
@@ -90,7 +90,7 @@ def parse_block(task: BlockTask) -> ParsedChunk:
     rows = chunk_rows(raw, clean(raw, rejector), task.source, rejector)
     chunk = ParsedChunk(len(raw), int(raw.offsets[-1]), rows.residue_counts, rejections)
     if task.partition_dir is None:
-        chunk.frame = pl.from_arrow(rows.table)
+        chunk.table = rows.table
         return chunk
     n = task.n_buckets
     if task.partition_dir not in _WRITERS:
@@ -99,7 +99,7 @@ def parse_block(task: BlockTask) -> ParsedChunk:
                                         BucketWriter(task.partition_dir, "acc", n))
     seq, acc = _WRITERS[task.partition_dir]
     table = rows.table
-    seq.write_grouped(*group_rows(table, seq_buckets(rows.digests, n), n))
+    seq.write_grouped(*group_rows(table, seq_buckets(table.column("seq_hash"), n), n))
     acc.write_grouped(*group_rows(table.select(ACC_COLUMNS),
                                   acc_buckets(table.column("accession"), n), n))
     return chunk
@@ -137,7 +137,7 @@ class ChunkParser:
     (``kind``: thread, process or auto; the calling thread when ``workers`` <= 1 or an input
     is small). Each worker writes
     the rows it parsed to its own partition files under ``partition_root``/w<k>, or (no
-    ``partition_root``) the rows come back as frames. A context manager: leaving it finishes
+    ``partition_root``) the rows come back as tables. A context manager: leaving it finishes
     every worker's files.
 
     Processes are spawned: a script that ingests with them must guard its entry point with

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-# Partitions are scratch: uncompressed Arrow IPC streams write and read at memory speed, and each write
-# appends one record batch to its partition's file.
+# Partitions are scratch: uncompressed Arrow IPC streams write and read at memory speed, and
+# each write appends one record batch to its partition's file.
 _IPC_OPTIONS = ipc.IpcWriteOptions(compression=None)
 
 
@@ -22,6 +22,17 @@ def read_partition(path: Path | list[Path], columns: list[str] | None = None) ->
     if isinstance(path, list):
         return pl.concat([read_partition(p, columns) for p in path], rechunk=False)
     return pl.read_ipc_stream(path, columns=columns)
+
+
+def read_partition_table(path: Path | list[Path]) -> pa.Table:
+    """A partition written by :class:`BucketWriter` as an Arrow table (read, not mapped: on
+    some kernels every first touch of a mapped page is a costly fault)."""
+    paths = path if isinstance(path, list) else [path]
+    tables = []
+    for p in paths:
+        with pa.OSFile(str(p)) as fh:
+            tables.append(ipc.open_stream(fh).read_all())
+    return pa.concat_tables(tables)
 
 
 class BucketWriter:
@@ -122,9 +133,10 @@ def group_rows(table: pa.Table, keys: np.ndarray, n: int) -> tuple[pa.Table, np.
 
 
 class ParquetSink:
-    """Streams polars frames into one zstd Parquet file in row groups of exactly
+    """Streams Arrow tables into one zstd Parquet file in row groups of exactly
     ``row_group_rows`` (the last may be shorter), so the bytes do not depend on how the
-    input was partitioned."""
+    input was partitioned: each row group is written from one contiguous chunk (the encoder's
+    pages depend on chunk boundaries), gathered only when it spans two written tables."""
 
     def __init__(self, path: Path, row_group_rows: int) -> None:
         self.path, self.row_group_rows = path, row_group_rows
@@ -133,27 +145,29 @@ class ParquetSink:
         self.pending_rows = 0
         self.rows = 0
 
-    def write(self, df: pl.DataFrame) -> None:
-        table = df.to_arrow()
-        if self.writer is None:
-            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
-        self.pending.append(table.cast(self.writer.schema))
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        self.pending.append(table)
         self.pending_rows += table.num_rows
         self.rows += table.num_rows
         if self.pending_rows >= self.row_group_rows:
             self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
-        table = pa.concat_tables(self.pending).combine_chunks()
-        full = table.num_rows - (0 if final else table.num_rows % self.row_group_rows)
-        if full:
-            self.writer.write_table(table.slice(0, full), self.row_group_rows)
+        table = pa.concat_tables(self.pending)
+        size = self.row_group_rows
+        full = table.num_rows - (0 if final else table.num_rows % size)
+        for start in range(0, full, size):
+            group = table.slice(start, min(size, full - start)).combine_chunks()
+            if self.writer is None:
+                self.writer = pq.ParquetWriter(self.path, group.schema, compression="zstd")
+            self.writer.write_table(group.cast(self.writer.schema), size)
         rest = table.slice(full)
         self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
     def close(self) -> None:
-        if self.writer is None:
-            return
         if self.pending_rows:
             self._flush(final=True)
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -14,17 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import polars_hash as plh
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputFormatError
 from pipeline.fasta import RawRecords, iter_raw_records
 from pipeline.headers import gather_strings, parse_header_bytes
-
-try:  # CPython's own md5: the same digests as hashlib's, at a third of the per-call cost
-    from _md5 import md5 as _md5
-except ImportError:  # pragma: no cover
-    from hashlib import md5 as _md5
 
 RESIDUES = b"LAGVSERTIDPKQNFYMHWCXBUZO"  # 20 canonical + X B U Z O, as in the ESM alphabet
 
@@ -49,7 +45,6 @@ class Rejector:
 
 _VALID = np.zeros(256, bool)
 _VALID[list(RESIDUES)] = True
-_HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
 
 
 @dataclass
@@ -141,10 +136,10 @@ def byte_counts(data: np.ndarray) -> np.ndarray:
     return counts + pairs.sum(axis=0) + pairs.sum(axis=1)
 
 
-def residue_counts(sequences: pl.Series) -> np.ndarray:
-    """Counts of each byte value over a String series (reads the Arrow data buffer)."""
+def residue_counts(sequences: pl.Series | pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Counts of each byte value over strings (reads the Arrow data buffer)."""
     counts = np.zeros(256, np.int64)
-    arr = sequences.to_arrow()
+    arr = sequences.to_arrow() if isinstance(sequences, pl.Series) else sequences
     for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
         chunk = chunk.cast(pa.large_binary())
         offsets = np.frombuffer(chunk.buffers()[1], np.int64)
@@ -153,32 +148,19 @@ def residue_counts(sequences: pl.Series) -> np.ndarray:
     return counts
 
 
-def md5_digests(residues: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """The 16-byte md5 digest of each ``residues[start[i]:end[i]]``, as rows of a uint8 array."""
-    view = memoryview(residues)
-    spans = zip(start.tolist(), end.tolist(), strict=True)
-    digests = b"".join([_md5(view[a:b]).digest() for a, b in spans])
-    return np.frombuffer(digests, np.uint8).reshape(-1, 16)
-
-
-def hex_strings(digests: np.ndarray) -> pa.Array:
-    """Lower-case hex of each digest row, as a LargeString array."""
-    nibbles = digests.ravel()
-    hexed = np.column_stack([_HEX[nibbles >> 4], _HEX[nibbles & 15]]).ravel()
-    width = 2 * digests.shape[1]
-    offsets = np.arange(0, width * len(digests) + 1, width, dtype=np.int64)
-    return pa.LargeStringArray.from_buffers(
-        len(digests), pa.py_buffer(offsets), pa.py_buffer(hexed)
-    )
+def md5_hex(sequences: pa.Array) -> pa.Array:
+    """Lower-case hex md5 digest of each string, as a LargeString array. polars-hash computes
+    them without holding the GIL, so parse threads hash in parallel."""
+    frame = pl.DataFrame({"s": pl.Series("s", sequences)})
+    return frame.select(plh.col("s").nchash.md5()).to_series().to_arrow().cast(pa.large_string())
 
 
 @dataclass
 class ChunkRows:
-    """A chunk's accepted records as an Arrow table (``RECORD_SCHEMA`` order), with each
-    record's md5 digest (rows of 16 bytes) and the residue counts of all of them."""
+    """A chunk's accepted records as an Arrow table (``RECORD_SCHEMA`` order), and the residue
+    counts of all of them."""
 
     table: pa.Table
-    digests: np.ndarray
     residue_counts: np.ndarray
 
 
@@ -196,11 +178,10 @@ def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -
     sequences = gather_strings(clean.residues, start, end)
     n_residues = int((end - start).sum())
     counts = byte_counts(np.frombuffer(sequences.buffers()[2], np.uint8)[:n_residues])
-    digests = md5_digests(clean.residues, start, end)
     table = (parsed
              .append_column("length", pa.array(end - start, pa.int64()))
              .append_column("sequence", sequences)
-             .append_column("seq_hash", hex_strings(digests))
+             .append_column("seq_hash", md5_hex(sequences))
              .append_column("source", pa.array(np.full(len(idx), source, np.int32)))
              .append_column("line", pa.array(raw.lines[idx].astype(np.int64))))
-    return ChunkRows(table, digests, counts)
+    return ChunkRows(table, counts)
