@@ -69,7 +69,7 @@ class DownloadConfig(Section):
 
 class IngestConfig(Section):
     on_error: Literal["fail", "skip"] = "fail"  # skip-and-count bad records instead of failing
-    chunk_bytes: int = Field(16 << 20, ge=1 << 10)  # decompressed bytes parsed per chunk
+    chunk_bytes: int = Field(8 << 20, ge=1 << 10)  # decompressed bytes parsed per chunk
     row_group_rows: int = Field(100_000, gt=0)
     bucket_bytes: int = Field(32 << 20, ge=1 << 10)  # FASTA bytes per on-disk dedup partition
 

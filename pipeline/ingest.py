@@ -27,10 +27,11 @@ import pyarrow.compute as pc
 
 from pipeline.atomic import atomic_dir, atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
-from pipeline.config import BuildConfig
+from pipeline.config import BuildConfig, IngestConfig
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
 from pipeline.ingest_chunks import ACC_COLUMNS, ChunkParser, ParsedChunk, partition_files
+from pipeline.memory import arrow_jemalloc, trim_heap
 from pipeline.partition import ParquetSink, read_partition_table
 from pipeline.progress import format_sizeof, progress_bar
 from pipeline.records import RESIDUES, residue_counts
@@ -41,6 +42,7 @@ SEQUENCE_COLUMNS = [
     "accession", "db", "description", "taxid", "length", "sequence", "seq_hash", "n_records",
 ]
 RECORD_COLUMNS = ["accession", "db", "taxid", "seq_hash", "rep_accession"]
+_DEFAULTS = IngestConfig()  # a build's defaults, for callers that pass none
 _GZIP_EXPANSION = 3.0  # uncompressed/compressed size of protein FASTA, for partition planning
 
 
@@ -196,9 +198,9 @@ def ingest(
     out_dir: str | Path,
     *,
     on_error: str = "fail",
-    chunk_bytes: int = 16 << 20,
-    row_group_rows: int = 100_000,
-    bucket_bytes: int = 128 << 20,
+    chunk_bytes: int = _DEFAULTS.chunk_bytes,
+    row_group_rows: int = _DEFAULTS.row_group_rows,
+    bucket_bytes: int = _DEFAULTS.bucket_bytes,
     workers: int = 0,
     worker_kind: str = "auto",
 ) -> dict:
@@ -237,7 +239,8 @@ PART_INFO = "part.json"
 
 def ingest_part(
     inputs: Sequence[str | Path], index: int, part_dir: str | Path, *, on_error: str = "fail",
-    chunk_bytes: int = 16 << 20, bucket_bytes: int = 128 << 20, workers: int = 0,
+    chunk_bytes: int = _DEFAULTS.chunk_bytes, bucket_bytes: int = _DEFAULTS.bucket_bytes,
+    workers: int = 0,
     worker_kind: str = "auto",
 ) -> dict:
     """Parse input ``index`` into ``part_dir`` (partitions planned over all inputs, and
@@ -264,7 +267,7 @@ def ingest_part(
 
 def merge_parts(
     inputs: Sequence[str | Path], part_dirs: Sequence[str | Path], out_dir: str | Path, *,
-    on_error: str = "fail", row_group_rows: int = 100_000,
+    on_error: str = "fail", row_group_rows: int = _DEFAULTS.row_group_rows,
 ) -> dict:
     """Finish an ingest from one :func:`ingest_part` directory per input (in input order):
     duplicate accessions across all inputs, collapse, outputs and stats as :func:`ingest`."""
@@ -309,7 +312,9 @@ def _finish(
     """Collapse each partition in hash order and stream the two outputs; write the stats."""
     unique_residues = 0
     seq_out, rec_out = out.sequences, out.records
-    with atomic_path(seq_out) as tmp_seq, atomic_path(rec_out) as tmp_rec:
+    trim_heap()  # what the parse freed: this phase's peak is then its own partitions
+    with (arrow_jemalloc(), atomic_path(seq_out) as tmp_seq,
+          atomic_path(rec_out) as tmp_rec):
         uniques_sink = ParquetSink(tmp_seq, row_group_rows)
         records_sink = ParquetSink(tmp_rec, row_group_rows)
         # One writer thread encodes both files (Parquet writing releases the GIL) while this
