@@ -1,9 +1,12 @@
 """FASTA → Parquet ingest: exact-duplicate collapse and statistics of validated records.
 
-Records stream through in chunks. Each chunk is validated (:mod:`pipeline.records`) and written
-to on-disk partitions (by sequence hash, and by accession for the duplicate-accession check), so
-that the final collapse works one partition at a time: peak memory is set by ``chunk_bytes`` and
-``bucket_bytes``, never by the size of the input. Outputs, sorted by ``seq_hash``:
+Records stream through in chunks. Parse workers (:mod:`pipeline.ingest_chunks`) validate each
+chunk (:mod:`pipeline.records`) and write it to on-disk partitions (by sequence hash, and by
+accession for the duplicate-accession check), so that the final collapse works one partition at
+a time: peak memory is set by ``chunk_bytes`` and ``bucket_bytes``, never by the size of the
+input. At most ``partition.MAX_FANOUT`` partitions are written at once; a larger input's plan
+splits each of them on disk before the collapse (open files and write sizes stay bounded at any
+release size). Outputs, sorted by ``seq_hash``:
 
 * ``sequences.parquet``: one row per distinct sequence (its representative record);
 * ``records.parquet``: every accepted input record → ``rep_accession`` (UniRef100-like map);
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +33,16 @@ from pipeline.build_dir import BuildDir
 from pipeline.config import BuildConfig, IngestConfig
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
-from pipeline.ingest_chunks import ACC_COLUMNS, ChunkParser, ParsedChunk, partition_files
+from pipeline.ingest_chunks import (
+    ACC_COLUMNS,
+    ChunkParser,
+    ParsedChunk,
+    acc_keys,
+    partition_files,
+    seq_keys,
+)
 from pipeline.memory import arrow_jemalloc, trim_heap
-from pipeline.partition import ParquetSink, read_partition_table
+from pipeline.partition import ParquetSink, fanout, iter_split
 from pipeline.progress import format_sizeof, progress_bar
 from pipeline.records import RESIDUES, residue_counts
 
@@ -93,22 +103,15 @@ def plan_buckets(paths: Sequence[Path], bucket_bytes: int) -> int:
 Partition = Path | list[Path] | pa.Table | None
 
 
-def _load(part: Path | list[Path] | pa.Table) -> pa.Table:
-    """A partition: file(s) on disk (one per ingest part, in input order), or
-    (when there is only one partition) the table itself."""
-    return part if isinstance(part, pa.Table) else read_partition_table(part)
-
-
 def _duplicate_accessions(
-    buckets: list[Partition], sources: list[Path], on_error: str,
+    partitions: Iterable[pa.Table], sources: list[Path], on_error: str,
     stats: IngestStats,
 ) -> pl.DataFrame:
-    """Check accession uniqueness bucket by bucket; returns (source, line) of records to drop."""
+    """Check accession uniqueness partition by partition; returns (source, line) of records to
+    drop."""
     drops = []
-    for path in buckets:
-        if path is None:
-            continue
-        df = pl.from_arrow(_load(path).select(ACC_COLUMNS)).sort(["accession", "source", "line"])
+    for table in partitions:
+        df = pl.from_arrow(table.select(ACC_COLUMNS)).sort(["accession", "source", "line"])
         dups = df.filter(pl.col("accession").is_first_distinct().not_())
         if dups.is_empty():
             continue
@@ -213,25 +216,27 @@ def ingest(
     out = BuildDir(out_dir)
     stats = IngestStats()
     _check_inputs(sources)
-    n_buckets = plan_buckets(sources, bucket_bytes)
+    planned = plan_buckets(sources, bucket_bytes)
     with scratch_dir(out, "ingest") as tmp:
         # One partition: keep the chunk tables (as much memory as reading it back would take).
-        in_memory = n_buckets == 1
+        in_memory = planned == 1
         tables: list[pa.Table] = []
-        with ChunkParser(workers, chunk_bytes, None if in_memory else tmp, n_buckets,
+        with ChunkParser(workers, chunk_bytes, None if in_memory else tmp, fanout(planned),
                          worker_kind) as parser:
             for source, path in enumerate(sources):
                 for chunk in _read_input(parser, path, source, on_error, stats):
                     if in_memory and chunk.table.num_rows:
                         tables.append(chunk.table)
         if in_memory:
-            seq_paths = acc_paths = [pa.concat_tables(tables) if tables else None]
+            seq_parts = acc_parts = [pa.concat_tables(tables) if tables else None]
             del tables
         else:
-            seq_paths = partition_files(tmp, "seq", n_buckets)
-            acc_paths = partition_files(tmp, "acc", n_buckets)
-        drops = _duplicate_accessions(acc_paths, sources, on_error, stats)
-        return _finish(out, seq_paths, drops, stats, row_group_rows)
+            seq_parts = partition_files(tmp, "seq", fanout(planned))
+            acc_parts = partition_files(tmp, "acc", fanout(planned))
+        drops = _duplicate_accessions(iter_split(acc_parts, planned, acc_keys, tmp / "acc"),
+                                      sources, on_error, stats)
+        return _finish(out, iter_split(seq_parts, planned, seq_keys, tmp / "seq"), drops, stats,
+                       row_group_rows)
 
 
 PART_INFO = "part.json"
@@ -250,14 +255,14 @@ def ingest_part(
     if not 0 <= index < len(sources):
         raise InputFormatError(f"ingest part {index}: the build has {len(sources)} inputs")
     _check_inputs(sources)
-    n_buckets = plan_buckets(sources, bucket_bytes)
+    planned = plan_buckets(sources, bucket_bytes)
     stats = IngestStats()
     dest = Path(part_dir)
     with atomic_dir(dest) as tmp:
-        with ChunkParser(workers, chunk_bytes, tmp, n_buckets, worker_kind) as parser:
+        with ChunkParser(workers, chunk_bytes, tmp, fanout(planned), worker_kind) as parser:
             for _ in _read_input(parser, sources[index], index, on_error, stats):
                 pass
-        info = {"index": index, "file": str(sources[index]), "partitions": n_buckets,
+        info = {"index": index, "file": str(sources[index]), "partitions": planned,
                 "input": stats.inputs[0], "rejected": dict(stats.rejected),
                 "rejected_examples": stats.examples,
                 "residue_counts": stats.residue_counts.tolist()}
@@ -295,18 +300,24 @@ def merge_parts(
         raise InputFormatError(f"{parts[0].parent}: ingest parts planned with different "
                                f"partition counts {counts} (rerun them)")
 
+    planned = counts[0]
+
     def partitions(prefix: str) -> list[Partition]:
         """Partition i of every part that has one, in input order (None: empty everywhere)."""
-        per_part = [partition_files(p, prefix, counts[0]) for p in parts]
+        per_part = [partition_files(p, prefix, fanout(planned)) for p in parts]
         return [[f for files in per_part for f in files[i] or []] or None
-                for i in range(counts[0])]
+                for i in range(fanout(planned))]
 
-    drops = _duplicate_accessions(partitions("acc"), sources, on_error, stats)
-    return _finish(BuildDir(out_dir), partitions("seq"), drops, stats, row_group_rows)
+    out = BuildDir(out_dir)
+    with scratch_dir(out, "ingest-merge") as tmp:
+        drops = _duplicate_accessions(iter_split(partitions("acc"), planned, acc_keys, tmp / "acc"),
+                                      sources, on_error, stats)
+        return _finish(out, iter_split(partitions("seq"), planned, seq_keys, tmp / "seq"), drops,
+                       stats, row_group_rows)
 
 
 def _finish(
-    out: BuildDir, seq_paths: list[Partition], drops: pl.DataFrame,
+    out: BuildDir, partitions: Iterable[pa.Table], drops: pl.DataFrame,
     stats: IngestStats, row_group_rows: int,
 ) -> dict:
     """Collapse each partition in hash order and stream the two outputs; write the stats."""
@@ -322,10 +333,7 @@ def _finish(
         pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-write")
         writing: list[Future[None]] = []
         try:
-            for path in seq_paths:
-                if path is None:
-                    continue
-                table = _load(path)
+            for table in partitions:
                 if not drops.is_empty():  # duplicate accessions skipped: uncount their residues
                     dropped = np.isin(_record_keys(table), _record_keys(drops))
                     sequences = table.column("sequence").filter(pa.array(dropped))

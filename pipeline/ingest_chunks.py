@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from pipeline.errors import InputFormatError, PipelineError
 from pipeline.fasta import iter_blocks, split_records
-from pipeline.partition import BucketWriter, group_rows
+from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, group_rows
 from pipeline.records import Rejector, chunk_rows, clean
 
 ACC_COLUMNS = ["accession", "source", "line"]
@@ -36,17 +36,17 @@ _SMALL_INPUT_CHUNKS = 2  # inputs of at most this many chunks are parsed in this
 MAX_AUTO_THREADS = 4
 
 
-def seq_buckets(seq_hash: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
-    """Partition of each record by its sequence's md5 hex (identical sequences meet in one):
-    the digest's first 24 bits scaled to ``n_buckets``, so partitions follow hash order."""
-    top = pl.Series(seq_hash).str.slice(0, 6).str.to_integer(base=16).to_numpy()
-    return (top.astype(np.int64) * n_buckets) >> 24
+def seq_keys(table: pa.Table) -> np.ndarray:
+    """Partition key of each record, by its sequence's md5 (identical sequences meet in one
+    partition; partitions follow hash order): the digest's first 48 bits."""
+    hexed = pl.Series(table.column("seq_hash")).str.slice(0, KEY_BITS // 4)
+    return hexed.str.to_integer(base=16).to_numpy().astype(np.int64)
 
 
-def acc_buckets(accessions: pa.Array | pa.ChunkedArray, n_buckets: int) -> np.ndarray:
-    """Partition of each record by its accession (for the duplicate-accession check)."""
-    hashes = pl.Series(accessions).hash(seed=0).to_numpy()
-    return (hashes % n_buckets).astype(np.int64)
+def acc_keys(table: pa.Table) -> np.ndarray:
+    """Partition key of each record by its accession (for the duplicate-accession check)."""
+    hashes = pl.Series(table.column("accession")).hash(seed=0).to_numpy()
+    return (hashes >> np.uint64(64 - KEY_BITS)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,8 @@ def parse_block(task: BlockTask) -> ParsedChunk:
                                         BucketWriter(task.partition_dir, "acc", n))
     seq, acc = _WRITERS[task.partition_dir]
     table = rows.table
-    seq.write_grouped(*group_rows(table, seq_buckets(table.column("seq_hash"), n), n))
-    acc.write_grouped(*group_rows(table.select(ACC_COLUMNS),
-                                  acc_buckets(table.column("accession"), n), n))
+    seq.write_grouped(*group_rows(table, bucket_of(seq_keys(table), n), n))
+    acc.write_grouped(*group_rows(table.select(ACC_COLUMNS), bucket_of(acc_keys(table), n), n))
     return chunk
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -130,6 +132,82 @@ def group_rows(table: pa.Table, keys: np.ndarray, n: int) -> tuple[pa.Table, np.
     :meth:`BucketWriter.write_grouped`."""
     counts = np.bincount(keys, minlength=n)
     return table.take(np.argsort(keys, kind="stable")), counts
+
+
+# Partition keys are 48-bit fractions of the key space: partition i of n holds the keys in
+# [i/n, (i+1)/n), so partitions follow key order, and a partition splits into ordered pieces by
+# the key's next bits. Writes fan out to at most MAX_FANOUT files at once (open files, and the
+# size of each appended batch, stay bounded); a plan for more partitions splits each on disk.
+KEY_BITS = 48
+MAX_FANOUT = 128
+_KEY_MASK = (1 << KEY_BITS) - 1
+
+
+def bucket_of(keys: np.ndarray, n: int) -> np.ndarray:
+    """The partition (of ``n``) of each 48-bit key."""
+    return (keys.astype(np.int64) * n) >> KEY_BITS
+
+
+def within(keys: np.ndarray, n: int) -> np.ndarray:
+    """Each key's place inside its partition of ``n``, as a 48-bit key again."""
+    return (keys.astype(np.int64) * n) & _KEY_MASK
+
+
+def fanout(planned: int) -> int:
+    """Partitions written at once for a plan of ``planned`` partitions."""
+    return max(1, min(planned, MAX_FANOUT))
+
+
+def split_factor(planned: int) -> int:
+    """Pieces each written partition splits into so that pieces are the planned size."""
+    return max(1, math.ceil(planned / fanout(planned)))
+
+
+def iter_split(
+    parts: Sequence[Path | list[Path] | pa.Table | None], planned: int,
+    key: Callable[[pa.Table], np.ndarray], scratch: Path, batch_rows: int = 1 << 16,
+) -> Iterator[pa.Table]:
+    """The rows of each partition (``fanout(planned)`` written ones, in order) as tables of
+    about the planned size, in key order: a partition is split on disk into
+    ``split_factor(planned)`` pieces by ``key``'s bits below the partition's own, read back one
+    at a time. Empty partitions and pieces are skipped."""
+    factor = split_factor(planned)
+    n = fanout(planned)
+    for part in parts:
+        if part is None:
+            continue
+        if factor == 1 or isinstance(part, pa.Table):
+            yield part if isinstance(part, pa.Table) else read_partition_table(part)
+            continue
+        piece_dir = scratch / "split"
+        piece_dir.mkdir(parents=True, exist_ok=True)
+        with BucketWriter(piece_dir, "piece", factor) as pieces:
+            for batch in _batches(part, batch_rows):
+                table = pa.Table.from_batches([batch])
+                pieces.write_grouped(
+                    *group_rows(table, bucket_of(within(key(table), n), factor), factor))
+        for path in pieces.close():
+            if path is not None:
+                table = read_partition_table(path)
+                path.unlink()
+                yield table
+
+
+def _batches(paths: Path | list[Path], rows: int) -> Iterator[pa.RecordBatch]:
+    """The record batches of partition file(s), re-cut to about ``rows`` rows each."""
+    for p in paths if isinstance(paths, list) else [paths]:
+        with pa.OSFile(str(p)) as fh:
+            reader = ipc.open_stream(fh)
+            pending: list[pa.RecordBatch] = []
+            count = 0
+            for batch in reader:
+                pending.append(batch)
+                count += batch.num_rows
+                if count >= rows:
+                    yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+                    pending, count = [], 0
+            if count:
+                yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
 
 
 class ParquetSink:

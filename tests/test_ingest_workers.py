@@ -95,3 +95,64 @@ def test_parts_parsed_by_workers_merge_to_the_bytes_of_one_ingest(tmp_path: Path
     for name in OUTPUTS[:2]:
         assert (tmp_path / "merged" / name).read_bytes() == \
             (tmp_path / "whole" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("fasta_of", ["sample", "duplicates"])
+def test_partitions_beyond_the_fanout_split_on_disk_to_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fasta_of: str) -> None:
+    """A plan for more partitions than are written at once (MAX_FANOUT) splits each written
+    partition on disk: the outputs, errors and skips are those of an unsplit ingest."""
+    import pipeline.partition as partition
+
+    fasta = SAMPLE_FASTA
+    if fasta_of == "duplicates":  # the same accession twice, far apart, and repeated sequences
+        text = _records(3000, {})
+        fasta = write_fasta(tmp_path / "dups.fa", text + text.split(">")[1].join([">", ""]))
+    kwargs = {"chunk_bytes": CHUNK, "bucket_bytes": 1 << 14, "row_group_rows": 1000,
+              "workers": 2, "worker_kind": "thread"}
+    plain = tmp_path / "plain"
+    if fasta_of == "duplicates":
+        with pytest.raises(InputFormatError) as whole:
+            ingest([fasta], plain, **kwargs)
+        ingest([fasta], plain, on_error="skip", **kwargs)
+    else:
+        ingest([fasta], plain, **kwargs)
+    monkeypatch.setattr(partition, "MAX_FANOUT", 3)
+    written: list[int] = []
+    real_iter_split = partition.iter_split
+
+    def counting(parts, planned, key, scratch, batch_rows=1 << 16):
+        written.append(len(parts))
+        assert partition.split_factor(planned) > 1  # this ingest does split
+        yield from real_iter_split(parts, planned, key, scratch, batch_rows=97)
+
+    monkeypatch.setattr("pipeline.ingest.iter_split", counting)
+    split = tmp_path / "split"
+    if fasta_of == "duplicates":
+        with pytest.raises(InputFormatError) as pieces:
+            ingest([fasta], split, **kwargs)
+        assert str(pieces.value) == str(whole.value)
+        assert "duplicate accession (first seen in dups.fa at line 1)" in str(whole.value)
+        ingest([fasta], split, on_error="skip", **kwargs)
+    else:
+        ingest([fasta], split, **kwargs)
+    assert written and set(written) == {3}
+    assert outputs(split) == outputs(plain)
+
+
+def test_parts_merge_to_the_same_bytes_when_partitions_split(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.partition as partition
+
+    a, b, both = halves_of_sample(tmp_path)
+    ingest([both], tmp_path / "whole", bucket_bytes=1 << 14, row_group_rows=1000, workers=1)
+    monkeypatch.setattr(partition, "MAX_FANOUT", 4)
+    parts = [tmp_path / "parts" / str(i) for i in range(2)]
+    for i in range(2):
+        ingest_part([a, b], i, parts[i], chunk_bytes=CHUNK, bucket_bytes=1 << 14, workers=2)
+        assert {p.name for p in parts[i].glob("w*/seq-*.arrows")} <= {
+            f"seq-{k:05d}.arrows" for k in range(4)}  # no more files than the fan-out
+    merge_parts([a, b], parts, tmp_path / "merged", row_group_rows=1000)
+    for name in OUTPUTS[:2]:
+        assert (tmp_path / "merged" / name).read_bytes() == \
+            (tmp_path / "whole" / name).read_bytes(), name
