@@ -117,8 +117,9 @@ _WHITESPACE[list(_STRIP)] = True
 _MAX_STRIP_STEPS = 8
 
 
-def split_records(body: bytes, first_line: int) -> RawRecords:
-    """Split ``body`` (starting with '>') into records, as ``body.split(b"\\n>")`` would."""
+def split_records(body: bytes | np.ndarray, first_line: int) -> RawRecords:
+    """Split ``body`` (bytes, or a uint8 array; starting with '>') into records, as
+    ``body.split(b"\\n>")`` would."""
     b = np.frombuffer(body, np.uint8)
     n = len(b)
     low = np.flatnonzero(b <= 32)  # whitespace and control bytes: few, and sorted
@@ -135,7 +136,7 @@ def split_records(body: bytes, first_line: int) -> RawRecords:
     hs = starts + 1
     h = np.minimum(np.append(nl, n)[np.searchsorted(nl, hs)], stop)  # header line end
     q = np.minimum(h + 1, ends)  # sequence region [q, ends)
-    he = _rstrip(body, b, hs, h)
+    he = _rstrip(b, hs, h)
     lines = first_line + np.searchsorted(nl, starts).astype(np.int64)
     dropped = np.searchsorted(drop, ends) - np.searchsorted(drop, q)
     lengths = (ends - q) - dropped
@@ -149,8 +150,8 @@ def split_records(body: bytes, first_line: int) -> RawRecords:
     return RawRecords(b, hs, he, lines, residues, offsets, odd, first_line + len(nl) + 1)
 
 
-def _rstrip(body: bytes, b: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-    """Ends of ``body[start:end].rstrip(b"\\r\\n \\t")`` for each span."""
+def _rstrip(b: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Ends of ``b[start:end].tobytes().rstrip(b"\\r\\n \\t")`` for each span."""
     end = end.copy()
     active = np.flatnonzero(end > start)
     for _ in range(_MAX_STRIP_STEPS):
@@ -160,13 +161,16 @@ def _rstrip(body: bytes, b: np.ndarray, start: np.ndarray, end: np.ndarray) -> n
         end[active] -= 1
         active = active[end[active] > start[active]]
     for i in active.tolist():  # long whitespace runs: rare
-        end[i] = start[i] + len(body[start[i] : end[i]].rstrip(_STRIP))
+        end[i] = start[i] + len(b[start[i] : end[i]].tobytes().rstrip(_STRIP))
     return end
 
 
-def iter_blocks(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[tuple[bytes, int]]:
+def iter_blocks(
+    path: str | Path, chunk_bytes: int = 8 << 20
+) -> Iterator[tuple[bytes | np.ndarray, int]]:
     """Yield ``(body, first_line)``: the file cut into blocks of whole records (each starting
-    with '>'), about ``chunk_bytes`` decompressed bytes each, and the line each block starts on.
+    with '>', bytes or a uint8 array), about ``chunk_bytes`` decompressed bytes each, and the
+    line each block starts on.
     :func:`split_records` makes the records of a block (in any process).
 
     Raises :class:`InputFormatError` for a file that is not FASTA or a damaged gzip stream.
@@ -195,16 +199,17 @@ def iter_blocks(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[tuple
         if cut <= 0:
             carry = buf
             continue
-        body, carry = buf[:cut], buf[cut + 1 :]
-        yield body, line
-        line += body.count(b"\n") + 1
+        # the block is a view of ``buf`` (no copy of the whole block under the GIL)
+        yield np.frombuffer(buf, np.uint8, count=cut), line
+        line += buf.count(b"\n", 0, cut) + 1
+        carry = buf[cut + 1 :]
     if carry.strip():
         yield (carry.rstrip(b"\r\n") if carry.endswith(b"\n") else carry), line
     elif not started:
         raise InputFormatError(f"{path}: empty file (no FASTA records)")
 
 
-def iter_raw_records(path: str | Path, chunk_bytes: int = 16 << 20) -> Iterator[RawRecords]:
+def iter_raw_records(path: str | Path, chunk_bytes: int = 8 << 20) -> Iterator[RawRecords]:
     """Yield the records of a FASTA file in chunks of about ``chunk_bytes`` decompressed bytes.
 
     Raises :class:`InputFormatError` for a file that is not FASTA or a damaged gzip stream.

@@ -59,7 +59,7 @@ class BlockTask:
     on_error: str
     partition_dir: Path | None
     n_buckets: int
-    body: bytes
+    body: bytes | np.ndarray
     first_line: int
 
 
@@ -229,7 +229,8 @@ class ChunkParser:
         while pending:
             yield pending.popleft().result()
 
-    def _task(self, path: Path, source: int, on_error: str, k: int | None, body: bytes,
+    def _task(self, path: Path, source: int, on_error: str, k: int | None,
+              body: bytes | np.ndarray,
               line: int) -> BlockTask:
         return BlockTask(path, source, on_error, self._dir(k), self.n_buckets, body, line)
 
