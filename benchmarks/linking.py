@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--uniref50-args", default="",
                     help="more MMseqs2 arguments of the UniRef50 clustering, e.g. "
                          "'--single-step-clustering 1'")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
+                    help="linking methods to compare (default: all three)")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
@@ -90,7 +92,8 @@ def main() -> None:
           f"{links_s / cluster_s:.1%} of the stage)")
     print(f"{'linking':<12}{'links':>8}{'groups':>8}{'split s':>9}{'held-out':>10}"
           f"{'>=50% hit':>11}{'fraction':>10}")
-    for name, link in METHODS.items():
+    for name in args.methods:
+        link = METHODS[name]
         cfg = parse_config({**base, "split": {"valid_fraction": 0.1, "test_fraction": 0.1,
                                               **link}})
         start = time.perf_counter()
