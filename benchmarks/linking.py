@@ -54,8 +54,9 @@ def main() -> None:
     ap.add_argument("--uniref50-args", default="",
                     help="more MMseqs2 arguments of the UniRef50 clustering, e.g. "
                          "'--single-step-clustering 1'")
-    ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),
-                    help="linking methods to compare (default: all three)")
+    ap.add_argument("--methods", nargs="*", choices=list(METHODS), default=list(METHODS),
+                    help="linking methods to compare (default: all three; none given: time the "
+                         "clustering only)")
     args = ap.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -32,7 +33,7 @@ from pipeline.build_dir import BuildDir
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
 from pipeline.ids import ENTRIES, uniref_id
-from pipeline.partition import BucketWriter, read_partition
+from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, fanout, group_rows, iter_split
 from pipeline.stats import size_stats
 
 NS = "{http://uniprot.org/uniref}"
@@ -138,14 +139,14 @@ def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK
     """Write (rep50, rep90, uniprot_entries) for every UniRef90 cluster of the UniRef50 XML at
     ``path`` to the Parquet file ``dest`` (atomically); returns counts. A UniRef90 cluster in two
     UniRef50 entries is an error naming both: the rows are also partitioned on disk by UniRef90
-    id (one partition per ``bucket_bytes`` of XML file), and each partition is checked alone, so
-    memory stays bounded at any release size."""
+    id (one partition per ``bucket_bytes`` of XML file; at most ``partition.MAX_FANOUT`` written
+    at once, split on disk to the planned size before the check), and each partition is checked
+    alone, so memory, open files and append sizes stay bounded at any release size."""
     rows: dict[str, list] = {"rep50": [], "rep90": [], "uniprot_entries": []}
     entries = clusters = members = 0
-    n_buckets = max(1, math.ceil(Path(path).stat().st_size / bucket_bytes))
-    by_rep90 = pl.col("rep90").hash(seed=0) % n_buckets
+    planned = max(1, math.ceil(Path(path).stat().st_size / bucket_bytes))
     with (atomic_path(dest) as tmp, scratch_dir(Path(dest).parent, "uniref") as scratch,
-          BucketWriter(scratch, "rep90", n_buckets) as buckets):
+          BucketWriter(scratch, "rep90", fanout(planned)) as buckets):
         writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
         try:
             for entry in iter_entries(path):
@@ -157,23 +158,28 @@ def read_membership(path: str | Path, dest: str | Path, chunk_rows: int = _CHUNK
                     members += count
                 clusters += len(entry.uniref90)
                 if len(rows["rep90"]) >= chunk_rows:
-                    _flush(rows, writer, buckets, by_rep90)
+                    _flush(rows, writer, buckets)
                     rows = {k: [] for k in rows}
-            _flush(rows, writer, buckets, by_rep90)
+            _flush(rows, writer, buckets)
         finally:
             writer.close()
-        for part in buckets.close():
-            if part is not None:
-                _check_unique(path, read_partition(part))
+        for part in iter_split(buckets.close(), planned, _rep90_keys, scratch):
+            _check_unique(path, pl.from_arrow(part))
     return {"uniref50_entries": entries, "uniref90_clusters": clusters,
             "uniprot_members": members}
 
 
-def _flush(rows: dict[str, list], writer: pq.ParquetWriter, buckets: BucketWriter,
-           by_rep90: pl.Expr) -> None:
+def _flush(rows: dict[str, list], writer: pq.ParquetWriter, buckets: BucketWriter) -> None:
     table = pa.table(rows, schema=SCHEMA)
     writer.write_table(table)
-    buckets.write(pl.from_arrow(table).select("rep90", "rep50"), by_rep90)
+    ids = table.select(["rep90", "rep50"])
+    buckets.write_grouped(*group_rows(ids, bucket_of(_rep90_keys(ids), buckets.n), buckets.n))
+
+
+def _rep90_keys(table: pa.Table) -> np.ndarray:
+    """A 48-bit partition key per row: the top bits of its UniRef90 id's hash."""
+    hashes = pl.from_arrow(table.column("rep90")).hash(seed=0).to_numpy()
+    return (hashes >> np.uint64(64 - KEY_BITS)).astype(np.int64)
 
 
 def _check_unique(path: str | Path, part: pl.DataFrame) -> None:

@@ -249,7 +249,11 @@ def test_uniref_consistency_errors_fail_or_are_counted(release: Path, tmp_path: 
     assert "record X0STRAY (UniRef90_X0STRAY) is in no UniRef50 entry" in err
 
 
-def test_a_uniref90_in_two_entries_is_found_across_partitions(tmp_path: Path) -> None:
+# 256 bytes: ~40 partitions written at once; 16 bytes: ~640 planned, more than
+# partition.MAX_FANOUT, so each written partition is split on disk before the check
+@pytest.mark.parametrize("bucket_bytes", [256, 16], ids=["fanout", "split-on-disk"])
+def test_a_uniref90_in_two_entries_is_found_across_partitions(tmp_path: Path,
+                                                              bucket_bytes: int) -> None:
     entries = [entry(f"UniRef50_E{i}", member("member", "UniProtKB ID", f"M{i}",
                                                f"UniRef90_M{i}", f"M{i}")) for i in range(40)]
     entries.append(entry("UniRef50_Z", member("member", "UniProtKB ID", "M7", "UniRef90_M7",
@@ -257,5 +261,8 @@ def test_a_uniref90_in_two_entries_is_found_across_partitions(tmp_path: Path) ->
     xml = write(tmp_path / "twice.xml", HEAD + "".join(entries) + "</UniRef50>\n")
     with pytest.raises(InputFormatError, match="UniRef90_M7 is a member of UniRef50_E7 and of "
                                                "UniRef50_Z"):
-        read_membership(xml, tmp_path / "m.parquet", chunk_rows=3, bucket_bytes=256)
+        read_membership(xml, tmp_path / "m.parquet", chunk_rows=3, bucket_bytes=bucket_bytes)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["twice.xml"]
+    good = write(tmp_path / "once.xml", HEAD + "".join(entries[:-1]) + "</UniRef50>\n")
+    stats = read_membership(good, tmp_path / "m.parquet", chunk_rows=3, bucket_bytes=bucket_bytes)
+    assert stats == {"uniref50_entries": 40, "uniref90_clusters": 40, "uniprot_members": 40}
