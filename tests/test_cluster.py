@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import yaml
 
 from pipeline.errors import PipelineError
 from pipeline.generate import _mutate, _random_sequence
@@ -13,6 +14,8 @@ from pipeline.pins import read_pins
 from pipeline.split import split, split_of
 from tests.builds import build_config, run_leakage, run_stages, run_through_split
 from tests.helpers import LETTERS, shared_file, substitute, write_fasta
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +210,6 @@ def test_every_stage_handles_empty_intermediates(tmp_path: Path, fasta: str,
     """A build with one distinct sequence: one cluster, no cross-cluster link, empty valid and
     test splits, no held-out query, empty shard splits, an empty validation set. Every stage
     finishes with a valid (empty) output, and the manifest verifies."""
-    import yaml
-
     from pipeline.cli import main
     from pipeline.shard_reader import SplitIndex
 
@@ -248,9 +249,9 @@ def test_single_step_clustering_links_a_chain_the_greedy_clusters_cut(tmp_path) 
     fasta = write_fasta(tmp_path / "chain.fa", "".join(
         f">{name} chain\n{LETTERS[seq].tobytes().decode()}\n"
         for name, seq in (("A", a), ("B", b), ("C", c))))
-    cfg = build_config(tmp_path / "b", [fasta], cluster={"uniref50": {
-        "method": "cluster", "min_seq_id": 0.5,
-        "extra_args": ["--single-step-clustering", "1"]}})
+    uniref50 = yaml.safe_load((ROOT / "config" / "uniprot.yaml").read_text())["cluster"]["uniref50"]
+    assert "--single-step-clustering" in uniref50["extra_args"]
+    cfg = build_config(tmp_path / "b", [fasta], cluster={"uniref50": uniref50})
     run_stages(cfg, "download", "ingest", "cluster")
     rep50 = dict(pl.read_parquet(tmp_path / "b" / "clusters.parquet")
                  .select("accession", "rep50").iter_rows())
