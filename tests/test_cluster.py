@@ -13,9 +13,7 @@ from pipeline.generate import _mutate, _random_sequence
 from pipeline.pins import read_pins
 from pipeline.split import split, split_of
 from tests.builds import build_config, run_leakage, run_stages, run_through_split
-from tests.helpers import LETTERS, shared_file, substitute, write_fasta
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import LETTERS, REPO, shared_file, substitute, write_fasta
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +247,7 @@ def test_single_step_clustering_links_a_chain_the_greedy_clusters_cut(tmp_path) 
     fasta = write_fasta(tmp_path / "chain.fa", "".join(
         f">{name} chain\n{LETTERS[seq].tobytes().decode()}\n"
         for name, seq in (("A", a), ("B", b), ("C", c))))
-    uniref50 = yaml.safe_load((ROOT / "config" / "uniprot.yaml").read_text())["cluster"]["uniref50"]
+    uniref50 = yaml.safe_load((REPO / "config" / "uniprot.yaml").read_text())["cluster"]["uniref50"]
     assert "--single-step-clustering" in uniref50["extra_args"]
     cfg = build_config(tmp_path / "b", [fasta], cluster={"uniref50": uniref50})
     run_stages(cfg, "download", "ingest", "cluster")

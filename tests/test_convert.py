@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import EsmConfig, EsmForMaskedLM, EsmTokenizer
 
+from tests.helpers import REPO
 from tests.helpers import real_sequences as _real_sequences
 from training import alphabet
 from training.cli import main
@@ -25,8 +26,6 @@ from training.model.convert import (
     state_dict_from_hf,
 )
 from training.model.esm2 import ModelConfig, build_model
-
-REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     # ESM-2 style: token dropout, no embedding LayerNorm
