@@ -139,37 +139,27 @@ def _duplicate_accessions(
 def _collapse(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     """Sort a partition and collapse identical sequences; Swiss-Prot, then lowest accession wins.
 
-    Returns (uniques, records) in ``SEQUENCE_COLUMNS`` and ``RECORD_COLUMNS``; each column is
-    taken from the partition once (the sequences only for the representatives)."""
-    not_sp = pc.not_equal(table.column("db"), "sp")
-    keys = pa.table({"seq_hash": table.column("seq_hash"), "not_sp": not_sp,
-                     "accession": table.column("accession")})
-    order = pc.sort_indices(keys, sort_keys=[("seq_hash", "ascending"), ("not_sp", "ascending"),
-                                             ("accession", "ascending")])
-    records = table.select(RECORD_COLUMNS[:-1]).take(order).combine_chunks()
-    # Sorted, each sequence's records are one run: its first row is the representative.
-    hashes = _fixed_width_rows(records.column("seq_hash"))
-    first = np.ones(len(hashes), bool)
-    first[1:] = (hashes[1:] != hashes[:-1]).any(axis=1)
-    starts = np.flatnonzero(first)
-    run = np.cumsum(first) - 1
-    n_records = np.diff(np.append(starts, len(hashes)))
-    records = records.append_column("rep_accession", records.column("accession").take(starts[run]))
-    uniques = (table.select(SEQUENCE_COLUMNS[:-1]).take(order.take(starts)).combine_chunks()
-               .append_column("n_records", pa.array(n_records, pa.int64())))
-    return uniques, records
+    Returns (uniques, records) in ``SEQUENCE_COLUMNS`` and ``RECORD_COLUMNS``. Polars sorts
+    and gathers (string columns move as views; each output column is built once, at its
+    conversion back to Arrow)."""
+    rows = pl.from_arrow(table).sort(["seq_hash", pl.col("db") != "sp", "accession"])
+    first = rows.get_column("seq_hash").is_first_distinct()  # each run's representative
+    run = pl.when(first).then(pl.col("accession")).forward_fill()
+    records = rows.select(*RECORD_COLUMNS[:-1], run.alias("rep_accession"))
+    starts = np.flatnonzero(first.to_numpy())
+    n_records = np.diff(np.append(starts, rows.height))
+    uniques = rows.select(SEQUENCE_COLUMNS[:-1]).filter(first).with_columns(
+        pl.Series("n_records", n_records, pl.Int64))
+    return _arrow(uniques, table.schema), _arrow(records, table.schema)
 
 
-def _fixed_width_rows(strings: pa.ChunkedArray) -> np.ndarray:
-    """The bytes of equal-length strings (md5 hex digests) as rows of 8-byte words."""
-    arr = strings.chunk(0) if strings.num_chunks else pa.array([], pa.large_string())
-    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
-    width = 32
-    if len(arr) and not (np.diff(offsets) == width).all():
-        raise AssertionError("seq_hash values must be 32-character md5 hex digests")
-    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0] : offsets[-1]] if len(arr) \
-        else np.zeros(0, np.uint8)
-    return data.view(np.uint64).reshape(-1, width // 8)
+def _arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
+    """``frame`` as one-chunk Arrow columns of the partition's types (``rep_accession``: the
+    accession's; ``n_records``: int64)."""
+    types = {name: schema.field(name).type for name in schema.names}
+    types["rep_accession"] = types["accession"]
+    fields = [pa.field(name, types.get(name, pa.int64())) for name in frame.columns]
+    return frame.to_arrow().cast(pa.schema(fields)).combine_chunks()
 
 
 def _read_input(
