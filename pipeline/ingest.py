@@ -54,6 +54,7 @@ SEQUENCE_COLUMNS = [
 RECORD_COLUMNS = ["accession", "db", "taxid", "seq_hash", "rep_accession"]
 _DEFAULTS = IngestConfig()  # a build's defaults, for callers that pass none
 _GZIP_EXPANSION = 3.0  # uncompressed/compressed size of protein FASTA, for partition planning
+_PIECE_BYTES = 8 << 20  # a collapsed partition goes to the writer in pieces of about this size
 
 
 @dataclass
@@ -136,12 +137,13 @@ def _duplicate_accessions(
     return pl.concat(drops)
 
 
-def _collapse(table: pa.Table) -> tuple[pa.Table, pa.Table]:
+def _collapse(table: pa.Table) -> Iterator[tuple[pa.Table, pa.Table]]:
     """Sort a partition and collapse identical sequences; Swiss-Prot, then lowest accession wins.
 
-    Returns (uniques, records) in ``SEQUENCE_COLUMNS`` and ``RECORD_COLUMNS``. Polars sorts
-    and gathers (string columns move as views; each output column is built once, at its
-    conversion back to Arrow)."""
+    Yields (uniques, records) in ``SEQUENCE_COLUMNS`` and ``RECORD_COLUMNS``, in pieces of about
+    ``_PIECE_BYTES`` (what waits for the writer stays small whatever the partition's size).
+    Polars sorts and gathers: string columns move as views, and each output column is built
+    once, as a piece is converted back to Arrow."""
     rows = pl.from_arrow(table).sort(["seq_hash", pl.col("db") != "sp", "accession"])
     first = rows.get_column("seq_hash").is_first_distinct()  # each run's representative
     run = pl.when(first).then(pl.col("accession")).forward_fill()
@@ -150,7 +152,11 @@ def _collapse(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     n_records = np.diff(np.append(starts, rows.height))
     uniques = rows.select(SEQUENCE_COLUMNS[:-1]).filter(first).with_columns(
         pl.Series("n_records", n_records, pl.Int64))
-    return _arrow(uniques, table.schema), _arrow(records, table.schema)
+    pieces = max(1, math.ceil(table.nbytes / _PIECE_BYTES))
+    step_u, step_r = (math.ceil(frame.height / pieces) for frame in (uniques, records))
+    for i in range(pieces):
+        yield (_arrow(uniques.slice(i * step_u, step_u), table.schema),
+               _arrow(records.slice(i * step_r, step_r), table.schema))
 
 
 def _arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -330,13 +336,13 @@ def _finish(
                     stats.residue_counts -= residue_counts(sequences)
                     table = table.filter(pa.array(~dropped))
                 stats.add_lengths(table.column("length").to_numpy())
-                uniques, records = _collapse(table)
+                for uniques, records in _collapse(table):
+                    unique_residues += int(pc.sum(uniques.column("length")).as_py() or 0)
+                    _wait_all(writing)
+                    writing = [pool.submit(uniques_sink.write, uniques),
+                               pool.submit(records_sink.write, records)]
+                    del uniques, records
                 del table
-                unique_residues += int(pc.sum(uniques.column("length")).as_py() or 0)
-                _wait_all(writing)
-                writing = [pool.submit(uniques_sink.write, uniques),
-                           pool.submit(records_sink.write, records)]
-                del uniques, records
         finally:
             try:
                 _wait_all(writing)

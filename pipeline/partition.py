@@ -236,13 +236,16 @@ class ParquetSink:
         table = pa.concat_tables(self.pending)
         size = self.row_group_rows
         full = table.num_rows - (0 if final else table.num_rows % size)
-        for start in range(0, full, size):
-            group = table.slice(start, min(size, full - start)).combine_chunks()
+        rest = table.slice(full)
+        self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+        groups = [table.slice(start, min(size, full - start)) for start in range(0, full, size)]
+        del table
+        while groups:  # each group gathered (if it spans tables) only once it is written
+            group = groups.pop(0).combine_chunks()
             if self.writer is None:
                 self.writer = pq.ParquetWriter(self.path, group.schema, compression="zstd")
             self.writer.write_table(group.cast(self.writer.schema), size)
-        rest = table.slice(full)
-        self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+            del group
 
     def close(self) -> None:
         if self.pending_rows:

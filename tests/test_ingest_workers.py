@@ -156,3 +156,29 @@ def test_parts_merge_to_the_same_bytes_when_partitions_split(
     for name in OUTPUTS[:2]:
         assert (tmp_path / "merged" / name).read_bytes() == \
             (tmp_path / "whole" / name).read_bytes(), name
+
+
+def test_a_partition_collapsed_in_pieces_writes_the_same_bytes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collapse hands a partition to the writer in pieces (``_PIECE_BYTES``); piece
+    boundaries (inside a run of identical sequences, too) leave the outputs as they are."""
+    import pipeline.ingest as ingest_module
+
+    text = _records(2000, {})
+    fasta = write_fasta(tmp_path / "dups.fa", text + text.replace(">sp|P", ">tr|Q"))
+    kwargs = {"chunk_bytes": CHUNK, "bucket_bytes": 1 << 30, "row_group_rows": 700, "workers": 1}
+    whole = ingest([fasta], tmp_path / "whole", **kwargs)
+    assert whole["unique_sequences"] == 2000 and whole["records_kept"] == 4000
+    monkeypatch.setattr(ingest_module, "_PIECE_BYTES", 10_000)
+    pieces: list[int] = []
+    real_collapse = ingest_module._collapse
+
+    def counting(table):
+        for uniques, records in real_collapse(table):
+            pieces.append(records.num_rows)
+            yield uniques, records
+
+    monkeypatch.setattr(ingest_module, "_collapse", counting)
+    assert ingest([fasta], tmp_path / "pieces", **kwargs) == whole
+    assert len(pieces) > 100 and sum(pieces) == 4000
+    assert outputs(tmp_path / "pieces") == outputs(tmp_path / "whole")
