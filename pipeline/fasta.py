@@ -1,9 +1,10 @@
 """Streaming FASTA reading (plain or gzip) in large chunks.
 
-The reader splits decompressed blocks into records with numpy operations over the whole chunk (no
-per-record Python work): record boundaries, header spans, line numbers, and the sequences joined
-into one residue buffer with offsets (header fields: :mod:`pipeline.headers`). Decompression
-runs in a background thread (igzip releases the GIL), so it overlaps parsing.
+The reader splits decompressed blocks into records in one compiled pass over the whole chunk
+(``pipeline/_scan.c``; numpy operations where it is not built; no per-record Python work):
+record boundaries, header spans, line numbers, and the sequences joined into one residue buffer
+with offsets (header fields: :mod:`pipeline.headers`). Decompression runs in a background thread
+(igzip releases the GIL), so it overlaps parsing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from isal import igzip, isal_zlib
 
+from pipeline import kernels
 from pipeline.errors import InputFormatError
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -119,7 +121,23 @@ _MAX_STRIP_STEPS = 8
 
 def split_records(body: bytes | np.ndarray, first_line: int) -> RawRecords:
     """Split ``body`` (bytes, or a uint8 array; starting with '>') into records, as
-    ``body.split(b"\\n>")`` would."""
+    ``body.split(b"\\n>")`` would (one compiled pass; the numpy twin without it)."""
+    scan = kernels.SCAN
+    if scan is None:
+        return _split_records_numpy(body, first_line)
+    b = np.frombuffer(body, np.uint8)
+    n = scan.count_records(b)
+    hs, he, lines = (np.empty(n, np.int64) for _ in range(3))
+    offsets = np.empty(n + 1, np.int64)
+    residues = np.empty(len(b), np.uint8)
+    n_residues, newlines, _, odd = scan.split(b, hs, he, lines, offsets, residues)
+    lines += first_line
+    return RawRecords(b, hs, he, lines, residues[:n_residues], offsets, odd,
+                      first_line + newlines + 1)
+
+
+def _split_records_numpy(body: bytes | np.ndarray, first_line: int) -> RawRecords:
+    """:func:`split_records` in numpy operations over the whole chunk."""
     b = np.frombuffer(body, np.uint8)
     n = len(b)
     low = np.flatnonzero(b <= 32)  # whitespace and control bytes: few, and sorted

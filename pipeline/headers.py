@@ -1,16 +1,20 @@
 """FASTA header parsing for whole chunks at once: accession, db, entry name, description, taxid.
 
 ``parse_headers`` (polars regexes) defines the grammar; ``parse_header_bytes`` computes the same
-fields from the header bytes of a chunk (numpy), falling back to ``parse_headers`` for unusual
-headers.
+fields from the header bytes of a chunk (compiled, ``pipeline/_scan.c``, or numpy where that is
+not built), falling back to ``parse_headers`` for unusual headers.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline import kernels
 from pipeline.ids import UNIREF50, UNIREF90, UNIREF100
 
 # Header grammar ---------------------------------------------------------------------------------
@@ -81,8 +85,13 @@ def gather_strings(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Ar
     lengths = end - start
     offsets = np.zeros(len(start) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    scan = kernels.SCAN
     if len(start) and lengths.sum() == end[-1] - start[0] and (start[1:] == end[:-1]).all():
         data = buf[start[0] : end[-1]]  # contiguous spans: no gather
+    elif scan is not None:
+        data = np.empty(int(offsets[-1]), np.uint8)
+        scan.gather(buf, np.ascontiguousarray(start, np.int64),
+                    np.ascontiguousarray(end, np.int64), data)
     else:
         data = buf[np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])]
     return pa.LargeStringArray.from_buffers(len(start), pa.py_buffer(offsets), pa.py_buffer(data))
@@ -120,9 +129,63 @@ def _first_per_row(rows: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
+class _Fields(NamedTuple):
+    """Per header, spans into ``buf`` of its accession, db and description, its taxid (valid
+    where ``found``), and ``slow``: left to :func:`parse_headers`."""
+
+    buf: np.ndarray
+    acc_start: np.ndarray
+    acc_end: np.ndarray
+    db_start: np.ndarray
+    db_end: np.ndarray
+    desc_start: np.ndarray
+    desc_end: np.ndarray
+    taxid: np.ndarray
+    found: np.ndarray
+    slow: np.ndarray
+
+
 def parse_header_bytes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Table:
     """``parse_headers`` of the headers ``data[start[i]:end[i]]`` (each decoded as UTF-8 with
-    replacement), vectorized for the usual printable-ASCII headers; an Arrow table."""
+    replacement), in one compiled pass (or its numpy twin) for the usual printable-ASCII
+    headers; an Arrow table."""
+    scan = kernels.SCAN
+    f = _fields_compiled(scan, data, start, end) if scan else _fields_numpy(data, start, end)
+    n = len(start)
+    table = pa.table({
+        "accession": gather_strings(f.buf, f.acc_start, f.acc_end),
+        "db": gather_strings(f.buf, f.db_start, f.db_end),
+        "description": gather_strings(f.buf, f.desc_start, f.desc_end),
+        "taxid": pa.Array.from_buffers(pa.int64(), n, [
+            pa.py_buffer(np.packbits(f.found, bitorder="little")), pa.py_buffer(f.taxid)]),
+    })
+    slow = f.slow
+    if not slow.any():
+        return table
+    rows = np.flatnonzero(slow)
+    texts = [data[start[i] : end[i]].tobytes().decode("utf-8", "replace") for i in rows.tolist()]
+    slow_table = parse_headers(pl.Series("header", texts, dtype=pl.String)).to_arrow()
+    order = np.concatenate([np.flatnonzero(~slow), rows])
+    merged = pa.concat_tables([table.filter(pa.array(~slow)), slow_table.cast(table.schema)])
+    return merged.take(np.argsort(order, kind="stable")).combine_chunks()
+
+
+def _fields_compiled(scan: ModuleType, data: np.ndarray, start: np.ndarray,
+                     end: np.ndarray) -> _Fields:
+    """The fields in one pass of ``pipeline._scan.header_fields`` (spans into ``data``)."""
+    n = len(start)
+    start = np.ascontiguousarray(start, np.int64)
+    spans = [np.empty(n, np.int64) for _ in range(6)]
+    flags = np.empty(n, np.uint8)
+    scan.header_fields(data, start, np.ascontiguousarray(end, np.int64), *spans, flags)
+    acc_s, acc_e, db_e, desc_s, desc_e, taxid = spans
+    return _Fields(data, acc_s, acc_e, start, db_e, desc_s, desc_e, taxid,
+                   (flags & 1).astype(bool), (flags & 2).astype(bool))
+
+
+def _fields_numpy(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> _Fields:
+    """The fields in numpy operations over the chunk's headers (spans into their bytes, back
+    to back)."""
     n = len(start)
     lengths = end - start
     gaps = start - np.r_[0, end[:-1]]
@@ -222,18 +285,5 @@ def parse_header_bytes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> 
         taxid[use] = val
         found |= use | (first_pos >= 0)
 
-    table = pa.table({
-        "accession": gather_strings(hb, acc_start, acc_end),
-        "db": gather_strings(hb, a, db_end),
-        "description": gather_strings(hb, np.minimum(r0, desc_end), desc_end),
-        "taxid": pa.Array.from_buffers(pa.int64(), n, [
-            pa.py_buffer(np.packbits(found, bitorder="little")), pa.py_buffer(taxid)]),
-    })
-    if not slow.any():
-        return table
-    rows = np.flatnonzero(slow)
-    texts = [data[start[i] : end[i]].tobytes().decode("utf-8", "replace") for i in rows.tolist()]
-    slow_table = parse_headers(pl.Series("header", texts, dtype=pl.String)).to_arrow()
-    order = np.concatenate([np.flatnonzero(~slow), rows])
-    merged = pa.concat_tables([table.filter(pa.array(~slow)), slow_table.cast(table.schema)])
-    return merged.take(np.argsort(order, kind="stable")).combine_chunks()
+    return _Fields(hb, acc_start, acc_end, a, db_end, np.minimum(r0, desc_end), desc_end, taxid,
+                   found, slow)

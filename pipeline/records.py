@@ -18,6 +18,7 @@ import polars_hash as plh
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import kernels
 from pipeline.errors import InputFormatError
 from pipeline.fasta import RawRecords, iter_raw_records
 from pipeline.headers import gather_strings, parse_header_bytes
@@ -125,6 +126,9 @@ _COUNT_BLOCK = 1 << 20
 def byte_counts(data: np.ndarray) -> np.ndarray:
     """Counts of each byte value in a uint8 array."""
     counts = np.zeros(256, np.int64)
+    if kernels.SCAN is not None:
+        kernels.SCAN.byte_counts(np.ascontiguousarray(data), counts)
+        return counts
     if len(data) % 2:
         counts[data[-1]] += 1
         data = data[:-1]
@@ -149,10 +153,22 @@ def residue_counts(sequences: pl.Series | pa.Array | pa.ChunkedArray) -> np.ndar
 
 
 def md5_hex(sequences: pa.Array) -> pa.Array:
-    """Lower-case hex md5 digest of each string, as a LargeString array. polars-hash computes
-    them without holding the GIL, so parse threads hash in parallel."""
-    frame = pl.DataFrame({"s": pl.Series("s", sequences)})
-    return frame.select(plh.col("s").nchash.md5()).to_series().to_arrow().cast(pa.large_string())
+    """Lower-case hex md5 digest of each string, as a LargeString array: in one compiled pass,
+    or by polars-hash; both without holding the GIL, so parse threads hash in parallel."""
+    scan = kernels.SCAN
+    if scan is None:
+        frame = pl.DataFrame({"s": pl.Series("s", sequences)})
+        return frame.select(plh.col("s").nchash.md5()).to_series().to_arrow().cast(
+            pa.large_string())
+    strings = sequences.cast(pa.large_string())
+    n = len(strings)
+    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + n + 1]
+    data = strings.buffers()[2]
+    hexed = np.empty(32 * n, np.uint8)
+    scan.md5_hex(np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8),
+                 np.ascontiguousarray(offsets), hexed)
+    return pa.LargeStringArray.from_buffers(
+        n, pa.py_buffer(np.arange(0, 32 * n + 1, 32, dtype=np.int64)), pa.py_buffer(hexed))
 
 
 @dataclass

@@ -65,3 +65,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in HEAVY_MODULES or "sample_build" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.heavy)
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the compiled ingest kernels (pipeline/_scan.c) and with their numpy
+    twins: both must give the same results."""
+    from pipeline import kernels as module
+
+    if request.param == "compiled":
+        if module.SCAN is None:
+            pytest.skip("pipeline._scan is not built (no C compiler at install, or "
+                        "ESM2_NUMPY_KERNELS is set)")
+    else:
+        monkeypatch.setattr(module, "SCAN", None)
+    return request.param

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
 from pipeline.fasta import split_records
-from pipeline.headers import parse_header_bytes, parse_headers
+from pipeline.headers import gather_strings, parse_header_bytes, parse_headers
+from pipeline.records import byte_counts, md5_hex
 
 _PIECES = [
     "sp|", "tr|", "|", "UniRef50_", "UniRef90_", "UniRef100_", "UniRef1000_", "P12345", "A0A0",
@@ -32,7 +35,7 @@ def _random_header(rng: random.Random) -> bytes:
     return raw.rstrip(b"\r\n \t")
 
 
-def test_header_parser_matches_the_regex_definition() -> None:
+def test_header_parser_matches_the_regex_definition(kernels: str) -> None:
     rng = random.Random(7)
     headers = [h for h in (_random_header(rng) for _ in range(20_000)) if h]
     headers += [b"sp|P1|A OS=x", b"tr|Q|B", b"sp||C", b"UniRef90_X n=1", b"UniRef100_", b"a b"]
@@ -60,7 +63,7 @@ def _reference_split(body: bytes, first_line: int) -> tuple[list, list, list]:
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_split_matches_the_per_record_definition(seed: int) -> None:
+def test_split_matches_the_per_record_definition(seed: int, kernels: str) -> None:
     rng = random.Random(seed)
     parts = [">", "\n", "\r\n", "\n>", " ", "\t", "MKV", "acd*", "*", "\x0b", "\x00", "é", "x y"]
     body = ">" + "".join(rng.choice(parts) for _ in range(rng.randint(0, 400)))
@@ -71,3 +74,48 @@ def test_split_matches_the_per_record_definition(seed: int) -> None:
             for i in range(len(raw))] == seqs
     assert raw.lines.tolist() == lines
     assert raw.next_line == 5 + body.count("\n") + 1
+    assert raw.odd_bytes == any(c <= " " and c not in "\r\n \t" for c in body)
+
+
+def test_byte_counts_and_gather_match_numpy(kernels: str) -> None:
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 256, 100_003, dtype=np.uint8)
+    data[:5000] = 65  # a long run of one byte (the compiled counter's worst case)
+    assert byte_counts(data).tolist() == np.bincount(data, minlength=256).tolist()
+    assert byte_counts(data[:0]).sum() == 0
+    text = np.frombuffer(b"the quick brown fox jumps over the lazy dog", np.uint8)
+    start = np.array([4, 0, 40, 10, 10])
+    end = np.array([9, 3, 43, 10, 15])
+    assert gather_strings(text, start, end).to_pylist() == ["quick", "the", "dog", "", "brown"]
+
+
+def test_compiled_header_parser_leaves_few_headers_to_the_regexes() -> None:
+    """The usual UniProtKB and UniRef headers take the fast path (the regexes are slow)."""
+    from pipeline import kernels
+    from pipeline.headers import _fields_compiled
+
+    if kernels.SCAN is None:
+        pytest.skip("pipeline._scan is not built")
+    headers = [b"sp|P69905|HBA_HUMAN Hemoglobin subunit alpha OS=Homo sapiens OX=9606 GN=HBA1",
+               b"tr|A0A0|X_Y Uncharacterized protein OS=Mus musculus OX=10090 PE=4 SV=1",
+               b"UniRef90_P69905 Hemoglobin subunit alpha n=123 Tax=Homo TaxID=9606 RepID=H",
+               b"plain some text", b"sp|P1|A OS=" + b"x" * 300]
+    data = b"".join(headers)
+    lengths = np.array([len(h) for h in headers])
+    start = np.r_[0, np.cumsum(lengths)[:-1]]
+    fields = _fields_compiled(kernels.SCAN, np.frombuffer(data, np.uint8), start, start + lengths)
+    assert not fields.slow.any()
+    assert fields.taxid[fields.found].tolist() == [9606, 10090, 9606]
+    with pytest.raises(ValueError, match="span out of range"):
+        _fields_compiled(kernels.SCAN, np.frombuffer(data, np.uint8), start, start + 10**6)
+
+
+def test_md5_matches_hashlib(kernels: str) -> None:
+    rng = np.random.default_rng(5)
+    lengths = [*range(130), 4999, 0, 64, 55, 56, 57, 119, 120]  # every padding case
+    texts = ["".join(chr(65 + c) for c in rng.integers(0, 26, n)) for n in lengths]
+    array = pa.array(texts, pa.large_string())
+    for part in (array, array.slice(7, 50), pa.array(texts, pa.string())):
+        want = [hashlib.md5(t.encode()).hexdigest() for t in part.to_pylist()]
+        got = md5_hex(part)
+        assert got.type == pa.large_string() and got.to_pylist() == want

@@ -182,3 +182,22 @@ def test_a_partition_collapsed_in_pieces_writes_the_same_bytes(
     assert ingest([fasta], tmp_path / "pieces", **kwargs) == whole
     assert len(pieces) > 100 and sum(pieces) == 4000
     assert outputs(tmp_path / "pieces") == outputs(tmp_path / "whole")
+
+
+def test_the_compiled_kernels_write_the_bytes_of_the_numpy_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pipeline/_scan.c (split, headers, md5, counts) against its numpy twins on the sample
+    and on messy records (lower case, '*', CRLF, blank lines, odd headers), skip mode."""
+    from pipeline import kernels
+
+    if kernels.SCAN is None:
+        pytest.skip("pipeline._scan is not built")
+    messy = write_fasta(tmp_path / "messy.fa", _records(300, {5: "mkv*", 9: "MK V\tL", 12: "MKJ"})
+                        .replace("\n>sp|P00007", "\r\n\n>sp|P00007 ")
+                        .replace(">sp|P00020|E20_HUMAN", ">UniRef90_Q9 x n=3 TaxID=77 \x0b"))
+    inputs = [SAMPLE_FASTA, messy]
+    got = ingest(inputs, tmp_path / "compiled", chunk_bytes=CHUNK, on_error="skip", workers=2)
+    monkeypatch.setattr(kernels, "SCAN", None)
+    want = ingest(inputs, tmp_path / "numpy", chunk_bytes=CHUNK, on_error="skip", workers=2)
+    assert got == want and got["records_rejected"] == 1
+    assert outputs(tmp_path / "compiled") == outputs(tmp_path / "numpy")
