@@ -9,14 +9,17 @@ import time
 from pathlib import Path
 
 
-def run_measured(cmd: list[str], stdout: int | None = None) -> tuple[float, float]:
-    """Wall seconds and peak memory (MiB) of a child process; exits on failure.
+def run_measured(cmd: list[str], stdout: int | None = None,
+                 env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Wall seconds and peak memory (MiB) of a child process (``env``: added to this
+    process's environment); exits on failure.
 
     The peak is the larger of the kernel's maxrss (the largest single process) and the largest
     sum of RSS over the child and all its descendants, sampled every 20 ms (worker processes
     count together)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, env={**os.environ, "ESM2_PROGRESS": "0"})
+    proc = subprocess.Popen(cmd, stdout=stdout,
+                            env={**os.environ, "ESM2_PROGRESS": "0", **(env or {})})
     tree_peak = [0]
     done = threading.Event()
     sampler = threading.Thread(target=_sample_tree_rss, args=(proc.pid, done, tree_peak))

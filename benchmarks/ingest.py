@@ -8,7 +8,9 @@ Usage: python benchmarks/ingest.py [--n-sequences 1000000] [--runs 3] [--work be
    - floor:     gzip -dc FILE > /dev/null
    - biopython: Bio.SeqIO.parse -> pyarrow ParquetWriter (id, description, sequence)
    - ingest:    pipeline.ingest.ingest (validation, header parsing, md5, dedup, stats) with
-                1 worker, and with one worker per CPU as threads (the default) and as processes
+                1 worker, and with one worker per CPU as threads (the default) and as processes,
+                and the default again on the numpy path (ESM2_NUMPY_KERNELS=1: without the
+                compiled kernels of pipeline/_scan.c; same outputs)
 3. Peak memory of the default ingest on plain FASTA prefixes of ~100 MB and ~1 GB of a larger
    generated file (flat = bounded memory).
 Prints a table (best of the runs, and the spread) and the ratios the targets are stated in.
@@ -109,11 +111,14 @@ def main() -> None:
                                      "thread"], None),
         f"ingest, {cpus} processes": ([sys.executable, str(ingest_script), str(fasta), out, "0",
                                        "process"], None),
+        f"ingest, {cpus} thr., numpy": ([sys.executable, str(ingest_script), str(fasta), out,
+                                         "0", "thread"], None),
     }
+    env = {f"ingest, {cpus} thr., numpy": {"ESM2_NUMPY_KERNELS": "1"}}
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(args.runs):  # interleaved, so a slow spell of the machine hits every variant
         for name, (cmd, stdout) in variants.items():
-            runs[name].append(run_measured(cmd, stdout=stdout))
+            runs[name].append(run_measured(cmd, stdout=stdout, env=env.get(name)))
     print(f"\n{'variant':<24}{'wall s':>8}{'spread s':>14}{'MB/s (FASTA)':>14}"
           f"{'seq/s':>12}{'peak MiB':>10}")
     best = {}
@@ -129,6 +134,8 @@ def main() -> None:
               f"{floor / best[name]:.2f}x gzip -dc (target >= 0.5x), peak memory "
               f"{max(r for _, r in runs[name]) / max(r for _, r in runs['biopython+pyarrow']):.2f}"
               f"x biopython's (target <= 1.5x)")
+    compiled, numpy_path = best[f"ingest, {cpus} threads"], best[f"ingest, {cpus} thr., numpy"]
+    print(f"compiled kernels vs the numpy path ({cpus} threads): {numpy_path / compiled:.2f}x")
 
     if not args.skip_rss:
         print("\npeak memory of the default ingest vs input size (plain FASTA prefixes):")
