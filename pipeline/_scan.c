@@ -51,6 +51,21 @@ static int need(Py_buffer *buf, Py_ssize_t items, Py_ssize_t width, const char *
     return 1;
 }
 
+/* Total bytes of the spans [start[i], end[i]) of a buffer of `limit` bytes, or -1 with a
+ * ValueError set where one is reversed or out of range. */
+static Py_ssize_t span_bytes(const int64_t *start, const int64_t *end, Py_ssize_t n,
+                             Py_ssize_t limit, const char *name) {
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (start[i] < 0 || start[i] > end[i] || end[i] > limit) {
+            PyErr_Format(PyExc_ValueError, "%s: span out of range (span %zd)", name, i);
+            return -1;
+        }
+        total += end[i] - start[i];
+    }
+    return total;
+}
+
 static PyObject *count_records(PyObject *self, PyObject *args) {
     Py_buffer body;
     if (!PyArg_ParseTuple(args, "y*", &body)) return NULL;
@@ -129,7 +144,7 @@ static PyObject *split(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "split: more records than the arrays hold");
         goto done;
     }
-    result = Py_BuildValue("nnnO", k, newlines, records, odd ? Py_True : Py_False);
+    result = Py_BuildValue("nnO", k, newlines, odd ? Py_True : Py_False);
 done:
     PyBuffer_Release(&body);
     PyBuffer_Release(&hs_b);
@@ -188,7 +203,7 @@ static void header_one(const uint8_t *b, Py_ssize_t a, Py_ssize_t z, int64_t *ac
             if (b[j] == '|') { p2 = j; kb = 1; break; }
     }
     Py_ssize_t uniref = 0;
-    if (!kb) {
+    if (!kb) { /* pipeline.ids' UNIREF50, UNIREF90, UNIREF100 */
         if (has_prefix(b, a, width, "UniRef50_") || has_prefix(b, a, width, "UniRef90_"))
             uniref = 9;
         else if (has_prefix(b, a, width, "UniRef100_"))
@@ -239,12 +254,7 @@ static PyObject *header_fields(PyObject *self, PyObject *args) {
     const int64_t *start = s.buf, *end = e.buf;
     int ok = need(&e, n, 8, "end") && need(&f, n, 1, "flags");
     for (int i = 0; i < 6 && ok; i++) ok = need(&o[i], n, 8, "field");
-    for (Py_ssize_t i = 0; i < n && ok; i++)
-        ok = start[i] >= 0 && start[i] <= end[i] && end[i] <= d.len;
-    if (!ok) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "header span out of range");
-        goto done;
-    }
+    if (!ok || span_bytes(start, end, n, d.len, "header_fields") < 0) goto done;
     int64_t *out[6];
     for (int i = 0; i < 6; i++) out[i] = o[i].buf;
     Py_BEGIN_ALLOW_THREADS
@@ -267,17 +277,11 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     Py_buffer d, s, e, o;
     if (!PyArg_ParseTuple(args, "y*y*y*w*", &d, &s, &e, &o)) return NULL;
     PyObject *result = NULL;
-    Py_ssize_t n = s.len / 8, total = 0;
+    Py_ssize_t n = s.len / 8, total;
     const int64_t *start = s.buf, *end = e.buf;
-    if (!need(&e, n, 8, "end")) goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (start[i] < 0 || start[i] > end[i] || end[i] > d.len) {
-            PyErr_SetString(PyExc_ValueError, "gather: span out of range");
-            goto done;
-        }
-        total += end[i] - start[i];
-    }
-    if (!need(&o, total, 1, "out")) goto done;
+    if (!need(&e, n, 8, "end") || (total = span_bytes(start, end, n, d.len, "gather")) < 0 ||
+        !need(&o, total, 1, "out"))
+        goto done;
     Py_BEGIN_ALLOW_THREADS
     uint8_t *dst = o.buf;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -437,16 +441,11 @@ static PyObject *md5_hex(PyObject *self, PyObject *args) {
     PyObject *result = NULL;
     Py_ssize_t n = o.len / 8 - 1;
     const int64_t *off = o.buf;
-    if (n < 0 || !need(&h, n, 32, "hex")) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "md5_hex: no offsets");
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "md5_hex: no offsets");
         goto done;
     }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (off[i] < 0 || off[i] > off[i + 1] || off[i + 1] > d.len) {
-            PyErr_SetString(PyExc_ValueError, "md5_hex: offsets out of range");
-            goto done;
-        }
-    }
+    if (!need(&h, n, 32, "hex") || span_bytes(off, off + 1, n, d.len, "md5_hex") < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++)
         md5_hex_one((const uint8_t *)d.buf + off[i], (size_t)(off[i + 1] - off[i]),

@@ -130,7 +130,7 @@ def split_records(body: bytes | np.ndarray, first_line: int) -> RawRecords:
     hs, he, lines = (np.empty(n, np.int64) for _ in range(3))
     offsets = np.empty(n + 1, np.int64)
     residues = np.empty(len(b), np.uint8)
-    n_residues, newlines, _, odd = scan.split(b, hs, he, lines, offsets, residues)
+    n_residues, newlines, odd = scan.split(b, hs, he, lines, offsets, residues)
     lines += first_line
     return RawRecords(b, hs, he, lines, residues[:n_residues], offsets, odd,
                       first_line + newlines + 1)

@@ -67,16 +67,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.heavy)
 
 
+@pytest.fixture
+def scan() -> object:
+    """The compiled ingest kernels (pipeline._scan); the test skips where they are not built."""
+    from pipeline import kernels as module
+
+    if module.SCAN is None:
+        pytest.skip("pipeline._scan is not built (no C compiler at install, or "
+                    "ESM2_NUMPY_KERNELS is set)")
+    return module.SCAN
+
+
 @pytest.fixture(params=["compiled", "numpy"])
 def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test with the compiled ingest kernels (pipeline/_scan.c) and with their numpy
     twins: both must give the same results."""
-    from pipeline import kernels as module
-
     if request.param == "compiled":
-        if module.SCAN is None:
-            pytest.skip("pipeline._scan is not built (no C compiler at install, or "
-                        "ESM2_NUMPY_KERNELS is set)")
+        request.getfixturevalue("scan")
     else:
+        from pipeline import kernels as module
+
         monkeypatch.setattr(module, "SCAN", None)
     return request.param

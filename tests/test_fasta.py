@@ -89,13 +89,10 @@ def test_byte_counts_and_gather_match_numpy(kernels: str) -> None:
     assert gather_strings(text, start, end).to_pylist() == ["quick", "the", "dog", "", "brown"]
 
 
-def test_compiled_header_parser_leaves_few_headers_to_the_regexes() -> None:
+def test_compiled_header_parser_leaves_few_headers_to_the_regexes(scan: object) -> None:
     """The usual UniProtKB and UniRef headers take the fast path (the regexes are slow)."""
-    from pipeline import kernels
     from pipeline.headers import _fields_compiled
 
-    if kernels.SCAN is None:
-        pytest.skip("pipeline._scan is not built")
     headers = [b"sp|P69905|HBA_HUMAN Hemoglobin subunit alpha OS=Homo sapiens OX=9606 GN=HBA1",
                b"tr|A0A0|X_Y Uncharacterized protein OS=Mus musculus OX=10090 PE=4 SV=1",
                b"UniRef90_P69905 Hemoglobin subunit alpha n=123 Tax=Homo TaxID=9606 RepID=H",
@@ -103,11 +100,11 @@ def test_compiled_header_parser_leaves_few_headers_to_the_regexes() -> None:
     data = b"".join(headers)
     lengths = np.array([len(h) for h in headers])
     start = np.r_[0, np.cumsum(lengths)[:-1]]
-    fields = _fields_compiled(kernels.SCAN, np.frombuffer(data, np.uint8), start, start + lengths)
+    fields = _fields_compiled(scan, np.frombuffer(data, np.uint8), start, start + lengths)
     assert not fields.slow.any()
     assert fields.taxid[fields.found].tolist() == [9606, 10090, 9606]
     with pytest.raises(ValueError, match="span out of range"):
-        _fields_compiled(kernels.SCAN, np.frombuffer(data, np.uint8), start, start + 10**6)
+        _fields_compiled(scan, np.frombuffer(data, np.uint8), start, start + 10**6)
 
 
 def test_md5_matches_hashlib(kernels: str) -> None:

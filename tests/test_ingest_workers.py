@@ -185,13 +185,11 @@ def test_a_partition_collapsed_in_pieces_writes_the_same_bytes(
 
 
 def test_the_compiled_kernels_write_the_bytes_of_the_numpy_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: object) -> None:
     """pipeline/_scan.c (split, headers, md5, counts) against its numpy twins on the sample
     and on messy records (lower case, '*', CRLF, blank lines, odd headers), skip mode."""
     from pipeline import kernels
 
-    if kernels.SCAN is None:
-        pytest.skip("pipeline._scan is not built")
     messy = write_fasta(tmp_path / "messy.fa", _records(300, {5: "mkv*", 9: "MK V\tL", 12: "MKJ"})
                         .replace("\n>sp|P00007", "\r\n\n>sp|P00007 ")
                         .replace(">sp|P00020|E20_HUMAN", ">UniRef90_Q9 x n=3 TaxID=77 \x0b"))
