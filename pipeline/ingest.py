@@ -19,7 +19,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,9 +40,11 @@ from pipeline.ingest_chunks import (
     acc_keys,
     partition_files,
     seq_keys,
+    usable_cpus,
 )
 from pipeline.memory import arrow_jemalloc, trim_heap
-from pipeline.partition import ParquetSink, fanout, iter_split
+from pipeline.parquet_sink import ParquetSink
+from pipeline.partition import fanout, iter_split
 from pipeline.progress import format_sizeof, progress_bar
 from pipeline.records import RESIDUES, residue_counts
 
@@ -320,35 +322,27 @@ def _finish(
     unique_residues = 0
     seq_out, rec_out = out.sequences, out.records
     trim_heap()  # what the parse freed: this phase's peak is then its own partitions
-    with (arrow_jemalloc(), atomic_path(seq_out) as tmp_seq,
-          atomic_path(rec_out) as tmp_rec):
-        uniques_sink = ParquetSink(tmp_seq, row_group_rows)
-        records_sink = ParquetSink(tmp_rec, row_group_rows)
-        # One writer thread encodes both files (Parquet writing releases the GIL) while this
-        # thread collapses the next partition; a second writer thread measured slower on 2 cores.
-        pool = ThreadPoolExecutor(1, thread_name_prefix="ingest-write")
-        writing: list[Future[None]] = []
-        try:
-            for table in partitions:
-                if not drops.is_empty():  # duplicate accessions skipped: uncount their residues
-                    dropped = np.isin(_record_keys(table), _record_keys(drops))
-                    sequences = table.column("sequence").filter(pa.array(dropped))
-                    stats.residue_counts -= residue_counts(sequences)
-                    table = table.filter(pa.array(~dropped))
-                stats.add_lengths(table.column("length").to_numpy())
-                for uniques, records in _collapse(table):
-                    unique_residues += int(pc.sum(uniques.column("length")).as_py() or 0)
-                    _wait_all(writing)
-                    writing = [pool.submit(uniques_sink.write, uniques),
-                               pool.submit(records_sink.write, records)]
-                    del uniques, records
-                del table
-        finally:
-            try:
-                _wait_all(writing)
-                _wait_all([pool.submit(uniques_sink.close), pool.submit(records_sink.close)])
-            finally:
-                pool.shutdown(wait=True)
+    # Row groups are encoded on every CPU (pipeline.parquet_sink) while this thread collapses
+    # the next partition.
+    with (arrow_jemalloc(), atomic_path(seq_out) as tmp_seq, atomic_path(rec_out) as tmp_rec,
+          ThreadPoolExecutor(usable_cpus(), thread_name_prefix="ingest-encode") as pool,
+          ParquetSink(tmp_seq, row_group_rows, pool) as uniques_sink,
+          ParquetSink(tmp_rec, row_group_rows, pool) as records_sink):
+        for table in partitions:
+            if not drops.is_empty():  # duplicate accessions skipped: uncount their residues
+                dropped = np.isin(_record_keys(table), _record_keys(drops))
+                sequences = table.column("sequence").filter(pa.array(dropped))
+                stats.residue_counts -= residue_counts(sequences)
+                table = table.filter(pa.array(~dropped))
+            stats.add_lengths(table.column("length").to_numpy())
+            for uniques, records in _collapse(table):
+                unique_residues += int(pc.sum(uniques.column("length")).as_py() or 0)
+                uniques_sink.write(uniques)
+                records_sink.write(records)
+                del uniques, records
+            del table
+        uniques_sink.close()
+        records_sink.close()
         if uniques_sink.rows == 0:
             raise InputFormatError("no valid records in the input: nothing to ingest")
         report = _report(stats, uniques_sink.rows, unique_residues)
@@ -360,13 +354,6 @@ def _record_keys(rows: pa.Table | pl.DataFrame) -> np.ndarray:
     """One int64 per record: its (source, line)."""
     source, line = (np.asarray(rows["source"], np.int64), np.asarray(rows["line"], np.int64))
     return (source << 40) | line
-
-
-def _wait_all(futures: list[Future[None]]) -> None:
-    """Wait for every one of ``futures``, then raise the first error."""
-    wait(futures)
-    for future in futures:
-        future.result()
 
 
 def _report(stats: IngestStats, unique: int, unique_residues: int) -> dict:

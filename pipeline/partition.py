@@ -1,4 +1,4 @@
-"""On-disk partitioning and deterministic Parquet streaming, for bounded-memory stages."""
+"""On-disk partitioning, for bounded-memory stages."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 
 # Partitions are scratch: uncompressed Arrow IPC streams write and read at memory speed, and
 # each write appends one record batch to its partition's file.
@@ -208,47 +207,3 @@ def _batches(paths: Path | list[Path], rows: int) -> Iterator[pa.RecordBatch]:
                     pending, count = [], 0
             if count:
                 yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
-
-
-class ParquetSink:
-    """Streams Arrow tables into one zstd Parquet file in row groups of exactly
-    ``row_group_rows`` (the last may be shorter), so the bytes do not depend on how the
-    input was partitioned: each row group is written from one contiguous chunk (the encoder's
-    pages depend on chunk boundaries), gathered only when it spans two written tables."""
-
-    def __init__(self, path: Path, row_group_rows: int) -> None:
-        self.path, self.row_group_rows = path, row_group_rows
-        self.writer: pq.ParquetWriter | None = None
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.rows = 0
-
-    def write(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        self.pending.append(table)
-        self.pending_rows += table.num_rows
-        self.rows += table.num_rows
-        if self.pending_rows >= self.row_group_rows:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        table = pa.concat_tables(self.pending)
-        size = self.row_group_rows
-        full = table.num_rows - (0 if final else table.num_rows % size)
-        rest = table.slice(full)
-        self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
-        groups = [table.slice(start, min(size, full - start)) for start in range(0, full, size)]
-        del table
-        while groups:  # each group gathered (if it spans tables) only once it is written
-            group = groups.pop(0).combine_chunks()
-            if self.writer is None:
-                self.writer = pq.ParquetWriter(self.path, group.schema, compression="zstd")
-            self.writer.write_table(group.cast(self.writer.schema), size)
-            del group
-
-    def close(self) -> None:
-        if self.pending_rows:
-            self._flush(final=True)
-        if self.writer is not None:
-            self.writer.close()

@@ -1,0 +1,227 @@
+"""Deterministic Parquet streaming with row groups encoded in parallel.
+
+A Parquet writer encodes one row group after another on one thread, and at UniProt scale that
+encode is the long pole of the stages that write sorted outputs (it cannot start before the
+sort). :class:`ParquetSink` encodes each row group as a one-row-group Parquet file in memory, on
+a thread pool, then appends their column chunks to the output in order and writes one footer:
+the row groups' metadata with their offsets moved to where the chunks landed
+(:mod:`pipeline.thrift_compact`). The file is byte for byte what one ``pyarrow`` ParquetWriter
+writing the same row groups writes (tested), whatever the number of threads.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections import deque
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.thrift_compact import I64, LIST, STRUCT, Field, Items, decode, encode, find
+
+MAGIC = b"PAR1"
+COMPRESSION = "zstd"
+# field ids of the Parquet footer (parquet.thrift) that hold absolute file offsets
+_FILE_NUM_ROWS, _FILE_ROW_GROUPS = 3, 4
+_GROUP_COLUMNS, _GROUP_FILE_OFFSET = 1, 5
+_CHUNK_FILE_OFFSET, _CHUNK_META = 2, 3
+_CHUNK_PAGE_INDEX = (4, 6)  # offset/column index offsets: not written (write_page_index=False)
+_META_OFFSETS = (9, 10, 11, 14)  # data, index, dictionary page; bloom filter
+
+
+def encode_row_group(table: pa.Table, schema: pa.Schema, dest: Path) -> Path:
+    """Write ``table`` (of ``schema``) to ``dest`` as a one-row-group zstd Parquet file
+    (pyarrow's default settings)."""
+    with pq.ParquetWriter(dest, schema, compression=COMPRESSION) as writer:
+        writer.write_table(table, max(1, table.num_rows))
+    return dest
+
+
+def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (in the kernel where it
+    can: no copy through this process's memory)."""
+    dst.flush()
+    done = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while done < count:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), count - done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError:  # not between these file systems: copy below
+            pass
+    src.seek(offset + done)
+    while done < count:
+        block = src.read(min(8 << 20, count - done))
+        if not block:
+            raise OSError(f"{src.name}: ended {count - done} bytes early")
+        dst.write(block)
+        done += len(block)
+
+
+def _shift(fields: list[Field], ids: tuple[int, ...], delta: int) -> None:
+    for f in fields:
+        if f.id in ids and f.value:  # 0: not set (parquet-cpp writes ColumnChunk.file_offset 0)
+            f.value += delta
+
+
+def _moved_row_group(group: list[Field], delta: int) -> list[Field]:
+    """A decoded RowGroup with every absolute offset moved by ``delta`` bytes."""
+    _shift(group, (_GROUP_FILE_OFFSET,), delta)
+    for chunk in find(group, _GROUP_COLUMNS).value.values:
+        if any(find(chunk, i) is not None for i in _CHUNK_PAGE_INDEX):
+            raise ValueError("Parquet page indexes are not supported by ParquetSink")
+        _shift(chunk, (_CHUNK_FILE_OFFSET,), delta)
+        meta = find(chunk, _CHUNK_META)
+        if meta is not None:
+            _shift(meta.value, _META_OFFSETS, delta)
+    return group
+
+
+class ParquetSink:
+    """Streams Arrow tables into one zstd Parquet file in row groups of exactly
+    ``row_group_rows`` (the last may be shorter), so the bytes depend neither on how the input
+    was cut into tables nor on the threads (tables are cast to the first one's schema): each
+    row group is encoded from one contiguous chunk
+    (the encoder's pages depend on chunk boundaries) on ``pool`` (default: a pool of its own
+    with one thread), at most ``depth`` at a time. Nothing is written for no rows.
+
+    Use as a context manager, or call :meth:`close`; leaving the block on an error abandons
+    the file (its path is a temporary one, :func:`pipeline.atomic.atomic_path`).
+    """
+
+    def __init__(self, path: Path, row_group_rows: int, pool: Executor | None = None,
+                 depth: int = 1) -> None:
+        self.path, self.row_group_rows, self.depth = path, row_group_rows, depth
+        self._own_pool = pool is None
+        self.pool: Executor = pool or ThreadPoolExecutor(1, thread_name_prefix="parquet-sink")
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+        self.schema: pa.Schema | None = None
+        self._encoding: deque[tuple[Path, Future[Path]]] = deque()
+        self._parts = 0
+        self._file: BinaryIO | None = None
+        self._offset = len(MAGIC)
+        self._head: list[Field] = []  # the first part's footer: schema, key-values, creator
+        self._row_groups: list[list[Field]] = []
+        self._closed = False
+
+    def __enter__(self) -> ParquetSink:
+        return self
+
+    def __exit__(self, exc_type: type | None, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+    def write(self, table: pa.Table) -> None:
+        if table.num_rows == 0:
+            return
+        if self.schema is None:
+            self.schema = table.schema
+        elif table.schema != self.schema:
+            table = table.cast(self.schema)
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self.pending_rows >= self.row_group_rows:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        table = pa.concat_tables(self.pending)  # zero-copy: the group slices below share it
+        size = self.row_group_rows
+        full = table.num_rows - (0 if final else table.num_rows % size)
+        rest = table.slice(full)
+        self.pending, self.pending_rows = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
+        for start in range(0, full, size):
+            while len(self._encoding) >= self.depth:  # before the gather: bounds memory
+                self._append_next()
+            group = table.slice(start, min(size, full - start)).combine_chunks()
+            part = self.path.with_name(f"{self.path.name}.rg{self._parts}")
+            self._parts += 1
+            self._encoding.append(
+                (part, self.pool.submit(encode_row_group, group, self.schema, part)))
+            del group
+
+    def _append_next(self) -> None:
+        """Wait for the oldest row group's encoding and append it."""
+        part, future = self._encoding[0]
+        future.result()
+        self._encoding.popleft()
+        self._append(part)
+
+    def _append(self, part: Path) -> None:
+        """Append the column chunks of an encoded one-row-group file; keep its footer."""
+        with open(part, "rb") as src:
+            size = src.seek(0, os.SEEK_END)
+            src.seek(size - 8)
+            (footer_len,) = struct.unpack("<I", src.read(4))
+            src.seek(size - 8 - footer_len)
+            footer, _ = decode(src.read(footer_len))
+            body = size - 8 - footer_len - len(MAGIC)
+            if self._file is None:
+                # unbuffered: copy_file_range appends through the descriptor itself
+                self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close/abandon
+                self._file.write(MAGIC)
+                self._head = footer
+            delta = self._offset - len(MAGIC)
+            self._row_groups += [_moved_row_group(g, delta)
+                                 for g in find(footer, _FILE_ROW_GROUPS).value.values]
+            _copy_range(src, self._file, len(MAGIC), body)
+        part.unlink()
+        self._offset += body
+
+    def close(self) -> None:
+        """Encode what is pending, append every row group and write the footer."""
+        if self._closed:
+            return
+        try:
+            if self.pending_rows:
+                self._flush(final=True)
+            while self._encoding:
+                self._append_next()
+            if self._file is not None:
+                self._file.write(self._footer())
+        except BaseException:
+            self.abandon()
+            raise
+        self._finish()
+
+    def _footer(self) -> bytes:
+        fields = []
+        for f in self._head:
+            if f.id == _FILE_NUM_ROWS:
+                f = Field(f.id, I64, self.rows)
+            elif f.id == _FILE_ROW_GROUPS:
+                f = Field(f.id, LIST, Items(LIST, STRUCT, self._row_groups))
+            fields.append(f)
+        meta = encode(fields)
+        return meta + struct.pack("<I", len(meta)) + MAGIC
+
+    def abandon(self) -> None:
+        """Stop: drop what is queued, wait for what runs, delete the encoded row groups and
+        close the (incomplete) file."""
+        for _, future in self._encoding:
+            future.cancel()
+        for part, future in self._encoding:
+            if not future.cancelled():
+                future.exception()  # wait; its error is not the one to report
+            part.unlink(missing_ok=True)
+        self._encoding.clear()
+        self._finish()
+
+    def _finish(self) -> None:
+        self._closed = True
+        self.pending = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._own_pool:
+            self.pool.shutdown(wait=True)
