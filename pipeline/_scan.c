@@ -326,8 +326,8 @@ done:
 }
 
 /* MD5 (RFC 1321) of each string, as lower-case hex: the `seq_hash` of ingest (the numpy twin
- * is polars-hash). One record is one short message, so a plain one-block-at-a-time digest
- * without any per-call set-up is what is fast here. */
+ * is polars-hash). One record is one short message: several are hashed at once, one per vector
+ * lane (below), with no per-call set-up. */
 #define MD5_F(x, y, z) ((z) ^ ((x) & ((y) ^ (z))))
 #define MD5_G(x, y, z) ((y) ^ ((z) & ((x) ^ (y))))
 #define MD5_H(x, y, z) ((x) ^ (y) ^ (z))
@@ -341,92 +341,76 @@ static uint32_t le32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-static void md5_block(uint32_t st[4], const uint8_t *p) {
-    uint32_t x[16], a = st[0], b = st[1], c = st[2], d = st[3];
-    for (int i = 0; i < 16; i++) x[i] = le32(p + 4 * i);
-    MD5_STEP(MD5_F, a, b, c, d, x[0], 0xd76aa478, 7)
-    MD5_STEP(MD5_F, d, a, b, c, x[1], 0xe8c7b756, 12)
-    MD5_STEP(MD5_F, c, d, a, b, x[2], 0x242070db, 17)
-    MD5_STEP(MD5_F, b, c, d, a, x[3], 0xc1bdceee, 22)
-    MD5_STEP(MD5_F, a, b, c, d, x[4], 0xf57c0faf, 7)
-    MD5_STEP(MD5_F, d, a, b, c, x[5], 0x4787c62a, 12)
-    MD5_STEP(MD5_F, c, d, a, b, x[6], 0xa8304613, 17)
-    MD5_STEP(MD5_F, b, c, d, a, x[7], 0xfd469501, 22)
-    MD5_STEP(MD5_F, a, b, c, d, x[8], 0x698098d8, 7)
-    MD5_STEP(MD5_F, d, a, b, c, x[9], 0x8b44f7af, 12)
-    MD5_STEP(MD5_F, c, d, a, b, x[10], 0xffff5bb1, 17)
-    MD5_STEP(MD5_F, b, c, d, a, x[11], 0x895cd7be, 22)
-    MD5_STEP(MD5_F, a, b, c, d, x[12], 0x6b901122, 7)
-    MD5_STEP(MD5_F, d, a, b, c, x[13], 0xfd987193, 12)
-    MD5_STEP(MD5_F, c, d, a, b, x[14], 0xa679438e, 17)
-    MD5_STEP(MD5_F, b, c, d, a, x[15], 0x49b40821, 22)
-    MD5_STEP(MD5_G, a, b, c, d, x[1], 0xf61e2562, 5)
-    MD5_STEP(MD5_G, d, a, b, c, x[6], 0xc040b340, 9)
-    MD5_STEP(MD5_G, c, d, a, b, x[11], 0x265e5a51, 14)
-    MD5_STEP(MD5_G, b, c, d, a, x[0], 0xe9b6c7aa, 20)
-    MD5_STEP(MD5_G, a, b, c, d, x[5], 0xd62f105d, 5)
-    MD5_STEP(MD5_G, d, a, b, c, x[10], 0x02441453, 9)
-    MD5_STEP(MD5_G, c, d, a, b, x[15], 0xd8a1e681, 14)
-    MD5_STEP(MD5_G, b, c, d, a, x[4], 0xe7d3fbc8, 20)
-    MD5_STEP(MD5_G, a, b, c, d, x[9], 0x21e1cde6, 5)
-    MD5_STEP(MD5_G, d, a, b, c, x[14], 0xc33707d6, 9)
-    MD5_STEP(MD5_G, c, d, a, b, x[3], 0xf4d50d87, 14)
-    MD5_STEP(MD5_G, b, c, d, a, x[8], 0x455a14ed, 20)
-    MD5_STEP(MD5_G, a, b, c, d, x[13], 0xa9e3e905, 5)
-    MD5_STEP(MD5_G, d, a, b, c, x[2], 0xfcefa3f8, 9)
-    MD5_STEP(MD5_G, c, d, a, b, x[7], 0x676f02d9, 14)
-    MD5_STEP(MD5_G, b, c, d, a, x[12], 0x8d2a4c8a, 20)
-    MD5_STEP(MD5_H, a, b, c, d, x[5], 0xfffa3942, 4)
-    MD5_STEP(MD5_H, d, a, b, c, x[8], 0x8771f681, 11)
-    MD5_STEP(MD5_H, c, d, a, b, x[11], 0x6d9d6122, 16)
-    MD5_STEP(MD5_H, b, c, d, a, x[14], 0xfde5380c, 23)
-    MD5_STEP(MD5_H, a, b, c, d, x[1], 0xa4beea44, 4)
-    MD5_STEP(MD5_H, d, a, b, c, x[4], 0x4bdecfa9, 11)
-    MD5_STEP(MD5_H, c, d, a, b, x[7], 0xf6bb4b60, 16)
-    MD5_STEP(MD5_H, b, c, d, a, x[10], 0xbebfbc70, 23)
-    MD5_STEP(MD5_H, a, b, c, d, x[13], 0x289b7ec6, 4)
-    MD5_STEP(MD5_H, d, a, b, c, x[0], 0xeaa127fa, 11)
-    MD5_STEP(MD5_H, c, d, a, b, x[3], 0xd4ef3085, 16)
-    MD5_STEP(MD5_H, b, c, d, a, x[6], 0x04881d05, 23)
-    MD5_STEP(MD5_H, a, b, c, d, x[9], 0xd9d4d039, 4)
-    MD5_STEP(MD5_H, d, a, b, c, x[12], 0xe6db99e5, 11)
-    MD5_STEP(MD5_H, c, d, a, b, x[15], 0x1fa27cf8, 16)
-    MD5_STEP(MD5_H, b, c, d, a, x[2], 0xc4ac5665, 23)
-    MD5_STEP(MD5_I, a, b, c, d, x[0], 0xf4292244, 6)
-    MD5_STEP(MD5_I, d, a, b, c, x[7], 0x432aff97, 10)
-    MD5_STEP(MD5_I, c, d, a, b, x[14], 0xab9423a7, 15)
-    MD5_STEP(MD5_I, b, c, d, a, x[5], 0xfc93a039, 21)
-    MD5_STEP(MD5_I, a, b, c, d, x[12], 0x655b59c3, 6)
-    MD5_STEP(MD5_I, d, a, b, c, x[3], 0x8f0ccc92, 10)
-    MD5_STEP(MD5_I, c, d, a, b, x[10], 0xffeff47d, 15)
-    MD5_STEP(MD5_I, b, c, d, a, x[1], 0x85845dd1, 21)
-    MD5_STEP(MD5_I, a, b, c, d, x[8], 0x6fa87e4f, 6)
-    MD5_STEP(MD5_I, d, a, b, c, x[15], 0xfe2ce6e0, 10)
-    MD5_STEP(MD5_I, c, d, a, b, x[6], 0xa3014314, 15)
-    MD5_STEP(MD5_I, b, c, d, a, x[13], 0x4e0811a1, 21)
-    MD5_STEP(MD5_I, a, b, c, d, x[4], 0xf7537e82, 6)
-    MD5_STEP(MD5_I, d, a, b, c, x[11], 0xbd3af235, 10)
-    MD5_STEP(MD5_I, c, d, a, b, x[2], 0x2ad7d2bb, 15)
+#define MD5_ROUNDS(a, b, c, d, x)                    \
+    MD5_STEP(MD5_F, a, b, c, d, x[0], 0xd76aa478, 7) \
+    MD5_STEP(MD5_F, d, a, b, c, x[1], 0xe8c7b756, 12) \
+    MD5_STEP(MD5_F, c, d, a, b, x[2], 0x242070db, 17) \
+    MD5_STEP(MD5_F, b, c, d, a, x[3], 0xc1bdceee, 22) \
+    MD5_STEP(MD5_F, a, b, c, d, x[4], 0xf57c0faf, 7) \
+    MD5_STEP(MD5_F, d, a, b, c, x[5], 0x4787c62a, 12) \
+    MD5_STEP(MD5_F, c, d, a, b, x[6], 0xa8304613, 17) \
+    MD5_STEP(MD5_F, b, c, d, a, x[7], 0xfd469501, 22) \
+    MD5_STEP(MD5_F, a, b, c, d, x[8], 0x698098d8, 7) \
+    MD5_STEP(MD5_F, d, a, b, c, x[9], 0x8b44f7af, 12) \
+    MD5_STEP(MD5_F, c, d, a, b, x[10], 0xffff5bb1, 17) \
+    MD5_STEP(MD5_F, b, c, d, a, x[11], 0x895cd7be, 22) \
+    MD5_STEP(MD5_F, a, b, c, d, x[12], 0x6b901122, 7) \
+    MD5_STEP(MD5_F, d, a, b, c, x[13], 0xfd987193, 12) \
+    MD5_STEP(MD5_F, c, d, a, b, x[14], 0xa679438e, 17) \
+    MD5_STEP(MD5_F, b, c, d, a, x[15], 0x49b40821, 22) \
+    MD5_STEP(MD5_G, a, b, c, d, x[1], 0xf61e2562, 5) \
+    MD5_STEP(MD5_G, d, a, b, c, x[6], 0xc040b340, 9) \
+    MD5_STEP(MD5_G, c, d, a, b, x[11], 0x265e5a51, 14) \
+    MD5_STEP(MD5_G, b, c, d, a, x[0], 0xe9b6c7aa, 20) \
+    MD5_STEP(MD5_G, a, b, c, d, x[5], 0xd62f105d, 5) \
+    MD5_STEP(MD5_G, d, a, b, c, x[10], 0x02441453, 9) \
+    MD5_STEP(MD5_G, c, d, a, b, x[15], 0xd8a1e681, 14) \
+    MD5_STEP(MD5_G, b, c, d, a, x[4], 0xe7d3fbc8, 20) \
+    MD5_STEP(MD5_G, a, b, c, d, x[9], 0x21e1cde6, 5) \
+    MD5_STEP(MD5_G, d, a, b, c, x[14], 0xc33707d6, 9) \
+    MD5_STEP(MD5_G, c, d, a, b, x[3], 0xf4d50d87, 14) \
+    MD5_STEP(MD5_G, b, c, d, a, x[8], 0x455a14ed, 20) \
+    MD5_STEP(MD5_G, a, b, c, d, x[13], 0xa9e3e905, 5) \
+    MD5_STEP(MD5_G, d, a, b, c, x[2], 0xfcefa3f8, 9) \
+    MD5_STEP(MD5_G, c, d, a, b, x[7], 0x676f02d9, 14) \
+    MD5_STEP(MD5_G, b, c, d, a, x[12], 0x8d2a4c8a, 20) \
+    MD5_STEP(MD5_H, a, b, c, d, x[5], 0xfffa3942, 4) \
+    MD5_STEP(MD5_H, d, a, b, c, x[8], 0x8771f681, 11) \
+    MD5_STEP(MD5_H, c, d, a, b, x[11], 0x6d9d6122, 16) \
+    MD5_STEP(MD5_H, b, c, d, a, x[14], 0xfde5380c, 23) \
+    MD5_STEP(MD5_H, a, b, c, d, x[1], 0xa4beea44, 4) \
+    MD5_STEP(MD5_H, d, a, b, c, x[4], 0x4bdecfa9, 11) \
+    MD5_STEP(MD5_H, c, d, a, b, x[7], 0xf6bb4b60, 16) \
+    MD5_STEP(MD5_H, b, c, d, a, x[10], 0xbebfbc70, 23) \
+    MD5_STEP(MD5_H, a, b, c, d, x[13], 0x289b7ec6, 4) \
+    MD5_STEP(MD5_H, d, a, b, c, x[0], 0xeaa127fa, 11) \
+    MD5_STEP(MD5_H, c, d, a, b, x[3], 0xd4ef3085, 16) \
+    MD5_STEP(MD5_H, b, c, d, a, x[6], 0x04881d05, 23) \
+    MD5_STEP(MD5_H, a, b, c, d, x[9], 0xd9d4d039, 4) \
+    MD5_STEP(MD5_H, d, a, b, c, x[12], 0xe6db99e5, 11) \
+    MD5_STEP(MD5_H, c, d, a, b, x[15], 0x1fa27cf8, 16) \
+    MD5_STEP(MD5_H, b, c, d, a, x[2], 0xc4ac5665, 23) \
+    MD5_STEP(MD5_I, a, b, c, d, x[0], 0xf4292244, 6) \
+    MD5_STEP(MD5_I, d, a, b, c, x[7], 0x432aff97, 10) \
+    MD5_STEP(MD5_I, c, d, a, b, x[14], 0xab9423a7, 15) \
+    MD5_STEP(MD5_I, b, c, d, a, x[5], 0xfc93a039, 21) \
+    MD5_STEP(MD5_I, a, b, c, d, x[12], 0x655b59c3, 6) \
+    MD5_STEP(MD5_I, d, a, b, c, x[3], 0x8f0ccc92, 10) \
+    MD5_STEP(MD5_I, c, d, a, b, x[10], 0xffeff47d, 15) \
+    MD5_STEP(MD5_I, b, c, d, a, x[1], 0x85845dd1, 21) \
+    MD5_STEP(MD5_I, a, b, c, d, x[8], 0x6fa87e4f, 6) \
+    MD5_STEP(MD5_I, d, a, b, c, x[15], 0xfe2ce6e0, 10) \
+    MD5_STEP(MD5_I, c, d, a, b, x[6], 0xa3014314, 15) \
+    MD5_STEP(MD5_I, b, c, d, a, x[13], 0x4e0811a1, 21) \
+    MD5_STEP(MD5_I, a, b, c, d, x[4], 0xf7537e82, 6) \
+    MD5_STEP(MD5_I, d, a, b, c, x[11], 0xbd3af235, 10) \
+    MD5_STEP(MD5_I, c, d, a, b, x[2], 0x2ad7d2bb, 15) \
     MD5_STEP(MD5_I, b, c, d, a, x[9], 0xeb86d391, 21)
-    st[0] += a;
-    st[1] += b;
-    st[2] += c;
-    st[3] += d;
-}
 
-static void md5_hex_one(const uint8_t *p, size_t n, uint8_t *hex) {
+static const uint32_t MD5_IV[4] = {0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476};
+
+static void md5_to_hex(const uint32_t st[4], uint8_t *hex) {
     static const char digits[] = "0123456789abcdef";
-    uint32_t st[4] = {0x67452301, 0xefcdab89, 0x98badcfe, 0x10325476};
-    size_t whole = n & ~(size_t)63;
-    for (size_t i = 0; i < whole; i += 64) md5_block(st, p + i);
-    uint8_t tail[128] = {0};
-    size_t rest = n - whole, len = rest < 56 ? 64 : 128;
-    memcpy(tail, p + whole, rest);
-    tail[rest] = 0x80;
-    uint64_t bits = (uint64_t)n << 3;
-    for (int i = 0; i < 8; i++) tail[len - 8 + i] = (uint8_t)(bits >> (8 * i));
-    md5_block(st, tail);
-    if (len == 128) md5_block(st, tail + 64);
     for (int w = 0; w < 4; w++)
         for (int i = 0; i < 4; i++) {
             uint8_t byte = (uint8_t)(st[w] >> (8 * i));
@@ -434,6 +418,114 @@ static void md5_hex_one(const uint8_t *p, size_t n, uint8_t *hex) {
             *hex++ = (uint8_t)digits[byte & 15];
         }
 }
+
+/* A message's blocks: its whole 64-byte blocks in place, then one or two padded tail blocks
+ * (0x80, zeros, the bit length). */
+typedef struct {
+    const uint8_t *p;
+    size_t whole, next, total; /* whole blocks; the next block to hash; all blocks */
+    uint8_t tail[128];
+} md5_msg;
+
+static void md5_msg_init(md5_msg *m, const uint8_t *p, size_t n) {
+    size_t rest = n & 63, len = rest < 56 ? 64 : 128;
+    m->p = p;
+    m->whole = n >> 6;
+    m->next = 0;
+    m->total = m->whole + len / 64;
+    memset(m->tail, 0, sizeof m->tail);
+    memcpy(m->tail, p + (n - rest), rest);
+    m->tail[rest] = 0x80;
+    uint64_t bits = (uint64_t)n << 3;
+    for (int i = 0; i < 8; i++) m->tail[len - 8 + i] = (uint8_t)(bits >> (8 * i));
+}
+
+static const uint8_t *md5_msg_block(const md5_msg *m) {
+    return m->next < m->whole ? m->p + 64 * m->next : m->tail + 64 * (m->next - m->whole);
+}
+
+#if !defined(ESM2_SCALAR_MD5) && defined(__GNUC__) && (defined(__x86_64__) || defined(__aarch64__))
+/* Multi-buffer md5: MD5_LANES messages at once, one per lane of GCC/Clang vectors (AVX-512 or
+ * AVX2 where the CPU has it; SSE2 or NEON otherwise). A lane that finishes its
+ * message takes the next one, so messages of any lengths keep every lane busy. */
+#define MD5_LANES 8
+typedef uint32_t md5_vec __attribute__((vector_size(4 * MD5_LANES)));
+
+/* Versions for AVX-512 (rotates in one instruction), AVX2 and the baseline, picked at load time
+ * (GNU ifunc: glibc; x86-64-v4 needs GCC 11 or Clang 12). */
+#if defined(__x86_64__) && defined(__GLIBC__)
+#if defined(__clang__) ? __clang_major__ >= 14 : __GNUC__ >= 11
+__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#elif !defined(__clang__) && __GNUC__ >= 6
+__attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+static void md5_block_lanes(md5_vec st[4], const uint8_t *const blocks[MD5_LANES]) {
+    md5_vec x[16], a = st[0], b = st[1], c = st[2], d = st[3];
+    for (int i = 0; i < 16; i++)
+        for (int l = 0; l < MD5_LANES; l++) x[i][l] = le32(blocks[l] + 4 * i);
+    MD5_ROUNDS(a, b, c, d, x)
+    st[0] += a;
+    st[1] += b;
+    st[2] += c;
+    st[3] += d;
+}
+
+static void md5_hex_lanes(const uint8_t *data, const int64_t *off, Py_ssize_t n, uint8_t *hex) {
+    static const uint8_t idle[64];
+    md5_msg msgs[MD5_LANES];
+    Py_ssize_t which[MD5_LANES]; /* the message in each lane, -1: idle */
+    md5_vec st[4];
+    Py_ssize_t next = 0, busy = 0;
+    for (int l = 0; l < MD5_LANES; l++) {
+        which[l] = next < n ? next++ : -1;
+        if (which[l] < 0) continue;
+        busy++;
+        md5_msg_init(&msgs[l], data + off[which[l]], (size_t)(off[which[l] + 1] - off[which[l]]));
+        for (int w = 0; w < 4; w++) st[w][l] = MD5_IV[w];
+    }
+    while (busy) {
+        const uint8_t *blocks[MD5_LANES];
+        for (int l = 0; l < MD5_LANES; l++) blocks[l] = which[l] < 0 ? idle : md5_msg_block(&msgs[l]);
+        md5_block_lanes(st, blocks);
+        for (int l = 0; l < MD5_LANES; l++) {
+            if (which[l] < 0 || ++msgs[l].next < msgs[l].total) continue;
+            uint32_t done[4] = {st[0][l], st[1][l], st[2][l], st[3][l]};
+            md5_to_hex(done, hex + 32 * which[l]);
+            which[l] = next < n ? next++ : -1;
+            if (which[l] < 0) {
+                busy--;
+                continue;
+            }
+            md5_msg_init(&msgs[l], data + off[which[l]], (size_t)(off[which[l] + 1] - off[which[l]]));
+            for (int w = 0; w < 4; w++) st[w][l] = MD5_IV[w];
+        }
+    }
+}
+#else /* one message at a time */
+static void md5_block(uint32_t st[4], const uint8_t *p) {
+    uint32_t x[16], a = st[0], b = st[1], c = st[2], d = st[3];
+    for (int i = 0; i < 16; i++) x[i] = le32(p + 4 * i);
+    MD5_ROUNDS(a, b, c, d, x)
+    st[0] += a;
+    st[1] += b;
+    st[2] += c;
+    st[3] += d;
+}
+
+static void md5_hex_one(const uint8_t *p, size_t n, uint8_t *hex) {
+    uint32_t st[4] = {MD5_IV[0], MD5_IV[1], MD5_IV[2], MD5_IV[3]};
+    md5_msg m;
+    md5_msg_init(&m, p, n);
+    for (; m.next < m.total; m.next++) md5_block(st, md5_msg_block(&m));
+    md5_to_hex(st, hex);
+}
+
+static void md5_hex_lanes(const uint8_t *data, const int64_t *off, Py_ssize_t n, uint8_t *hex) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        md5_hex_one(data + off[i], (size_t)(off[i + 1] - off[i]), hex + 32 * i);
+}
+#endif
 
 static PyObject *md5_hex(PyObject *self, PyObject *args) {
     Py_buffer d, o, h;
@@ -447,9 +539,7 @@ static PyObject *md5_hex(PyObject *self, PyObject *args) {
     }
     if (!need(&h, n, 32, "hex") || span_bytes(off, off + 1, n, d.len, "md5_hex") < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n; i++)
-        md5_hex_one((const uint8_t *)d.buf + off[i], (size_t)(off[i + 1] - off[i]),
-                    (uint8_t *)h.buf + 32 * i);
+    md5_hex_lanes((const uint8_t *)d.buf, off, n, (uint8_t *)h.buf);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
