@@ -144,7 +144,10 @@ class ParquetSink:
             while len(self._encoding) >= self.depth:  # before the gather: bounds memory
                 self._append_next()
             group = table.slice(start, min(size, full - start)).combine_chunks()
-            part = self.path.with_name(f"{self.path.name}.rg{self._parts}")
+            # ".NAME.*.tmp" like the output's own temporary: a killed run's parts are removed
+            # as stale by the next run (pipeline.atomic.remove_stale)
+            part = self.path.with_name(
+                f"{self.path.name.removesuffix('.tmp')}.rg{self._parts}.tmp")
             self._parts += 1
             self._encoding.append(
                 (part, self.pool.submit(encode_row_group, group, self.schema, part)))

@@ -199,3 +199,47 @@ def test_the_compiled_kernels_write_the_bytes_of_the_numpy_path(
     want = ingest(inputs, tmp_path / "numpy", chunk_bytes=CHUNK, on_error="skip", workers=2)
     assert got == want and got["records_rejected"] == 1
     assert outputs(tmp_path / "compiled") == outputs(tmp_path / "numpy")
+
+
+KILLED_IN_FINISH = r"""
+import os, signal, sys
+from pipeline import parquet_sink
+from pipeline.ingest import ingest
+
+real = parquet_sink.ParquetSink._append
+appended = []
+
+def append_then_die(self, part):
+    real(self, part)
+    appended.append(part)
+    if len(appended) == 3:  # row groups encoded, parts queued, the outputs half-written
+        os.kill(os.getpid(), signal.SIGKILL)
+
+parquet_sink.ParquetSink._append = append_then_die
+ingest([sys.argv[1]], sys.argv[2], chunk_bytes=1 << 14, bucket_bytes=1 << 16,
+       row_group_rows=300, workers=2, worker_kind="thread")
+"""
+
+
+def test_an_ingest_killed_while_writing_leaves_only_temporaries_a_rerun_removes(
+        tmp_path: Path) -> None:
+    """SIGKILL in the final phase (row groups being encoded in parallel): no output appears
+    under its name, and the next run removes every temporary and writes the clean bytes."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_FINISH, str(SAMPLE_FASTA), str(out)],
+                            cwd=REPO, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    left = sorted(p.name for p in out.iterdir())
+    assert not {"sequences.parquet", "records.parquet"} & set(left)
+    assert any(".rg" in name and name.endswith(".tmp") for name in left), left
+    kwargs = {"chunk_bytes": 1 << 14, "bucket_bytes": 1 << 16, "row_group_rows": 300}
+    ingest([SAMPLE_FASTA], out, workers=2, **kwargs)
+    ingest([SAMPLE_FASTA], tmp_path / "clean", workers=1, **kwargs)
+    assert outputs(out) == outputs(tmp_path / "clean")
+    assert sorted(p.name for p in out.iterdir()) == ["records.parquet", "sequences.parquet",
+                                                     "stats"]
