@@ -183,6 +183,14 @@ def _rstrip(b: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
     return end
 
 
+def count_newlines(data: bytes, start: int, end: int) -> int:
+    """``data.count(b"\\n", start, end)``, without holding the GIL where the kernels are built
+    (iter_blocks counts each block's lines while the parse threads run)."""
+    scan = kernels.SCAN
+    return scan.count_newlines(memoryview(data)[start:end]) if scan is not None else \
+        data.count(b"\n", start, end)
+
+
 def iter_blocks(
     path: str | Path, chunk_bytes: int = 8 << 20
 ) -> Iterator[tuple[bytes | np.ndarray, int]]:
@@ -198,8 +206,8 @@ def iter_blocks(
     line = 1
     started = False
     for block in _prefetch(_read_blocks(path, max(chunk_bytes, 1 << 16))):
-        buf = carry + block if carry else block
         if not started:
+            buf = carry + block if carry else block
             stripped = buf.lstrip()
             if not stripped:
                 carry = b""
@@ -212,15 +220,27 @@ def iter_blocks(
                     f"{path}: line {line}: not a FASTA file (expected a '>' header, "
                     f"found {snippet!r})"
                 )
-            buf, started = stripped, True
-        cut = buf.rfind(b"\n>")
-        if cut <= 0:
-            carry = buf
+            carry, block, started = b"", stripped, True
+        # ``carry`` is the start of a record, ``block`` goes on from it: the carried record's
+        # end is a small block of its own, and the rest a view of ``block`` (no copy of the
+        # whole block under the GIL)
+        start = 0
+        if carry:
+            first = block.find(b"\n>")
+            if first < 0:  # a record longer than the block
+                carry += block
+                continue
+            head = carry + block[:first]
+            yield head, line
+            line += head.count(b"\n") + 1
+            start = first + 1
+        cut = block.rfind(b"\n>")
+        if cut < start:
+            carry = block[start:]
             continue
-        # the block is a view of ``buf`` (no copy of the whole block under the GIL)
-        yield np.frombuffer(buf, np.uint8, count=cut), line
-        line += buf.count(b"\n", 0, cut) + 1
-        carry = buf[cut + 1 :]
+        yield np.frombuffer(block, np.uint8, count=cut - start, offset=start), line
+        line += count_newlines(block, start, cut) + 1
+        carry = block[cut + 1 :]
     if carry.strip():
         yield (carry.rstrip(b"\r\n") if carry.endswith(b"\n") else carry), line
     elif not started:

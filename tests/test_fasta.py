@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from polars.testing import assert_frame_equal
 
-from pipeline.fasta import split_records
+from pipeline.fasta import iter_raw_records, split_records
 from pipeline.headers import gather_strings, parse_header_bytes, parse_headers
 from pipeline.records import byte_counts, md5_hex
 
@@ -75,6 +75,36 @@ def test_split_matches_the_per_record_definition(seed: int, kernels: str) -> Non
     assert raw.lines.tolist() == lines
     assert raw.next_line == 5 + body.count("\n") + 1
     assert raw.odd_bytes == any(c <= " " and c not in "\r\n \t" for c in body)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 70_000, 1 << 20])
+def test_blocks_cut_a_file_into_its_records_at_any_size(tmp_path, kernels: str,
+                                                       chunk_bytes: int) -> None:
+    """The reader's blocks (a carried record's end as a block of its own, the rest a view of
+    the read) give every record, with its line, whatever the block size: records longer than a
+    block, CRLF, blank lines, leading blank lines, no final newline."""
+    rng = random.Random(3)
+    records = []
+    for i in range(300):
+        width = rng.choice([60, 60, 80, 1])
+        length = rng.choice([0, 1, 50, 400, 3000]) if i % 40 else rng.randint(70_000, 200_000)
+        seq = "".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(length))
+        lines = [seq[j : j + width] for j in range(0, len(seq), width)]
+        newline = "\r\n" if i % 7 == 0 else "\n"
+        blank = newline if i % 11 == 0 else ""
+        records.append(f">sp|P{i:05d}|X Entry {i}{newline}" + newline.join(lines) + newline + blank)
+    text = ("\n\n" + "".join(records)).rstrip("\r\n").encode()
+    path = tmp_path / "records.fa"
+    path.write_bytes(text)
+    headers, seqs, lines = _reference_split(text.lstrip(), 3)
+    got_headers, got_seqs, got_lines = [], [], []
+    for raw in iter_raw_records(path, chunk_bytes):
+        got_headers += [raw.header(i) for i in range(len(raw))]
+        got_seqs += [raw.residues[raw.offsets[i] : raw.offsets[i + 1]].tobytes()
+                     for i in range(len(raw))]
+        got_lines += raw.lines.tolist()
+    assert len(got_headers) == 300
+    assert got_headers == headers and got_seqs == seqs and got_lines == lines
 
 
 def test_byte_counts_and_gather_match_numpy(kernels: str) -> None:
