@@ -153,10 +153,11 @@ class ChunkParser:
         if kind not in ("thread", "process"):
             raise ValueError(f"worker kind {kind!r}: expected thread, process or auto")
         self.kind = kind
-        # one single-worker pool per worker: block i goes to worker i % n, and the worker's
-        # files are closed by a task sent to that very worker
+        # one single-worker pool per worker: a block goes to the worker given the fewest bytes
+        # so far (blocks differ in size: a carried record's end is a block of its own), and
+        # the worker's files are closed by a task sent to that very worker
         self._pools: list[Executor] = []
-        self._blocks = 0
+        self._given = [0] * self.workers
 
     def __enter__(self) -> ChunkParser:
         return self
@@ -220,8 +221,8 @@ class ChunkParser:
             except InputFormatError:  # the reader's (gzip, not FASTA): earlier records first
                 _results(pending)
                 raise
-            k = self._blocks % self.workers
-            self._blocks += 1
+            k = self._given.index(min(self._given))
+            self._given[k] += len(body)
             task = self._task(path, source, on_error, k, body, line)
             pending.append(self._pool(k).submit(parse_block, task))
             while len(pending) > depth:
