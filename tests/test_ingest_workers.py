@@ -206,16 +206,17 @@ import os, signal, sys
 from pipeline import parquet_sink
 from pipeline.ingest import ingest
 
-real = parquet_sink.ParquetSink._append
-appended = []
+real = parquet_sink.encode_row_group
+encoded = []
 
-def append_then_die(self, part):
-    real(self, part)
-    appended.append(part)
-    if len(appended) == 3:  # row groups encoded, parts queued, the outputs half-written
+def encode_then_die(table, schema, dest):
+    real(table, schema, dest)
+    encoded.append(dest)
+    if len(encoded) == 3:  # row groups encoded, the outputs half-written
         os.kill(os.getpid(), signal.SIGKILL)
+    return dest
 
-parquet_sink.ParquetSink._append = append_then_die
+parquet_sink.encode_row_group = encode_then_die
 ingest([sys.argv[1]], sys.argv[2], chunk_bytes=1 << 14, bucket_bytes=1 << 16,
        row_group_rows=300, workers=2, worker_kind="thread")
 """
