@@ -2,11 +2,11 @@
 
 A Parquet writer encodes one row group after another on one thread, and at UniProt scale that
 encode is the long pole of the stages that write sorted outputs (it cannot start before the
-sort). :class:`ParquetSink` encodes each row group as a one-row-group Parquet file in memory, on
-a thread pool, then appends their column chunks to the output in order and writes one footer:
-the row groups' metadata with their offsets moved to where the chunks landed
-(:mod:`pipeline.thrift_compact`). The file is byte for byte what one ``pyarrow`` ParquetWriter
-writing the same row groups writes (tested), whatever the number of threads.
+sort). :class:`ParquetSink` encodes each row group as a one-row-group Parquet file (a temporary
+beside the output), on a thread pool, then appends their column chunks to the output in order
+and writes one footer: the row groups' metadata with their offsets moved to where the chunks
+landed (:mod:`pipeline.thrift_compact`). The file is byte for byte what one ``pyarrow``
+ParquetWriter writing the same row groups writes (tested), whatever the number of threads.
 """
 
 from __future__ import annotations
@@ -41,10 +41,16 @@ def encode_row_group(table: pa.Table, schema: pa.Schema, dest: Path) -> Path:
     return dest
 
 
+def _write_all(dst: BinaryIO, data: bytes | memoryview) -> None:
+    """Write all of ``data`` to the unbuffered file ``dst`` (a raw write may be partial)."""
+    view = memoryview(data)
+    while view:
+        view = view[dst.write(view) :]
+
+
 def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
     """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (in the kernel where it
     can: no copy through this process's memory)."""
-    dst.flush()
     done = 0
     if hasattr(os, "copy_file_range"):
         try:
@@ -60,7 +66,7 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
         block = src.read(min(8 << 20, count - done))
         if not block:
             raise OSError(f"{src.name}: ended {count - done} bytes early")
-        dst.write(block)
+        _write_all(dst, block)
         done += len(block)
 
 
@@ -122,6 +128,7 @@ class ParquetSink:
             self.abandon()
 
     def write(self, table: pa.Table) -> None:
+        """Queue ``table``'s rows; full row groups go to the encoders."""
         if table.num_rows == 0:
             return
         if self.schema is None:
@@ -172,7 +179,7 @@ class ParquetSink:
             if self._file is None:
                 # unbuffered: copy_file_range appends through the descriptor itself
                 self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close/abandon
-                self._file.write(MAGIC)
+                _write_all(self._file, MAGIC)
                 self._head = footer
             delta = self._offset - len(MAGIC)
             self._row_groups += [_moved_row_group(g, delta)
@@ -191,7 +198,7 @@ class ParquetSink:
             while self._encoding:
                 self._append_next()
             if self._file is not None:
-                self._file.write(self._footer())
+                _write_all(self._file, self._footer())
         except BaseException:
             self.abandon()
             raise

@@ -60,6 +60,29 @@ def test_the_bytes_are_one_writers_whatever_the_threads_and_cuts(tmp_path, threa
     assert pq.ParquetFile(out).metadata.num_row_groups == 4
 
 
+def test_without_copy_file_range_the_chunks_are_copied_through_memory(tmp_path, monkeypatch):
+    """Where the kernel cannot copy between the files (no os.copy_file_range, or it fails), the
+    row groups are read and written back: the same bytes."""
+    import os
+
+    from pipeline import parquet_sink
+
+    table = _table(2500)
+    expected = _reference(table, tmp_path / "ref.parquet", 1000)
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    with ParquetSink(tmp_path / "a.parquet", 1000) as sink:
+        sink.write(table)
+    assert (tmp_path / "a.parquet").read_bytes() == expected
+
+    def refuses(*_):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(parquet_sink.os, "copy_file_range", refuses, raising=False)
+    with ParquetSink(tmp_path / "b.parquet", 1000) as sink:
+        sink.write(table)
+    assert (tmp_path / "b.parquet").read_bytes() == expected
+
+
 def test_a_later_table_is_cast_to_the_first_ones_schema(tmp_path):
     table = _table(300)
     narrow = table.cast(pa.schema([f.with_type(pa.string()) if f.type == pa.large_string()
