@@ -115,7 +115,7 @@ class ParquetSink:
         self._file: BinaryIO | None = None
         self._offset = len(MAGIC)
         self._head: list[Field] = []  # the first part's footer: schema, key-values, creator
-        self._row_groups: list[list[Field]] = []
+        self._row_groups: list[bytes] = []  # encoded: ~150 bytes per column chunk
         self._closed = False
 
     def __enter__(self) -> ParquetSink:
@@ -182,7 +182,7 @@ class ParquetSink:
                 _write_all(self._file, MAGIC)
                 self._head = footer
             delta = self._offset - len(MAGIC)
-            self._row_groups += [_moved_row_group(g, delta)
+            self._row_groups += [encode(_moved_row_group(g, delta))
                                  for g in find(footer, _FILE_ROW_GROUPS).value.values]
             _copy_range(src, self._file, len(MAGIC), body)
         part.unlink()

@@ -151,7 +151,10 @@ def _value(t: int, v: Any, out: bytearray) -> None:
         for item in v.values:
             _value(v.elem_type, item, out)
     elif t == STRUCT:
-        _struct(v, out)
+        if isinstance(v, bytes):  # a struct encoded before (see encode)
+            out += v
+        else:
+            _struct(v, out)
     else:
         raise ThriftError(f"unsupported compact type {t}")
 
@@ -172,7 +175,8 @@ def _struct(fields: list[Field], out: bytearray) -> None:
 
 
 def encode(fields: list[Field]) -> bytes:
-    """``fields`` as a compact-protocol struct."""
+    """``fields`` as a compact-protocol struct. A struct value (a field's, or a list's element)
+    may be given as the bytes :func:`encode` made of it: they are written as they are."""
     out = bytearray()
     _struct(fields, out)
     return bytes(out)

@@ -83,6 +83,17 @@ def test_without_copy_file_range_the_chunks_are_copied_through_memory(tmp_path, 
     assert (tmp_path / "b.parquet").read_bytes() == expected
 
 
+def test_many_row_groups(tmp_path):
+    """More row groups than a compact list header holds in its short form (15)."""
+    table = _table(4100, seed=2)
+    expected = _reference(table, tmp_path / "ref.parquet", 100)
+    with ThreadPoolExecutor(2) as pool, ParquetSink(tmp_path / "out.parquet", 100, pool) as sink:
+        for start in range(0, table.num_rows, 333):
+            sink.write(table.slice(start, 333))
+    assert (tmp_path / "out.parquet").read_bytes() == expected
+    assert pq.ParquetFile(tmp_path / "out.parquet").metadata.num_row_groups == 41
+
+
 def test_a_later_table_is_cast_to_the_first_ones_schema(tmp_path):
     table = _table(300)
     narrow = table.cast(pa.schema([f.with_type(pa.string()) if f.type == pa.large_string()
