@@ -50,11 +50,30 @@ _VALID[list(RESIDUES)] = True
 
 @dataclass
 class Clean:
-    """The accepted records of a chunk: index into the chunk, upper-cased sequences."""
+    """The accepted records of a chunk: index into the chunk, upper-cased sequences (of all
+    records), and the byte counts of ``residues`` where the compiled kernels took them."""
 
     index: np.ndarray
     residues: np.ndarray
     offsets: np.ndarray
+    counts: np.ndarray | None = None
+
+
+_LOWER = np.zeros(256, bool)
+_LOWER[ord("a") : ord("z") + 1] = True
+
+
+def _has_lower(res: np.ndarray, counts: np.ndarray | None) -> bool:
+    if counts is not None:
+        return bool(counts[_LOWER].any())
+    return bool(len(res)) and res.max() >= ord("a")
+
+
+def _has_invalid(res: np.ndarray, counts: np.ndarray | None) -> bool:
+    if counts is not None:
+        return bool(counts[~_VALID].any())
+    return bool(len(res)) and bool(res.min() < ord("A") or res.max() > ord("Z")
+                                   or (res == ord("J")).any())
 
 
 def clean(raw: RawRecords, rejector: Rejector) -> Clean:
@@ -71,12 +90,16 @@ def clean(raw: RawRecords, rejector: Rejector) -> Clean:
         lengths = lengths - star
         off = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=off[1:])
-    if len(res) and res.max() >= ord("a"):
+    # the compiled path checks the residues by their byte counts (one pass, which ingest keeps
+    # as the chunk's residue counts); the numpy path by min/max
+    counts = byte_counts(res) if kernels.SCAN is not None else None
+    if _has_lower(res, counts):
         res = np.frombuffer(res.tobytes().upper(), np.uint8)
+        counts = byte_counts(res) if counts is not None else None
     # reasons, in the order they are checked: 1 empty header, 2 empty sequence, 3 bad residue
     reason = np.zeros(n, np.int8)
     first_bad = np.full(n, -1, np.int64)
-    if len(res) and (res.min() < ord("A") or res.max() > ord("Z") or (res == ord("J")).any()):
+    if _has_invalid(res, counts):
         bad = np.flatnonzero(~_VALID[res])
         rec = np.searchsorted(off, bad, side="right") - 1
         first = np.r_[True, rec[1:] != rec[:-1]]
@@ -99,7 +122,7 @@ def clean(raw: RawRecords, rejector: Rejector) -> Clean:
             pos = int(first_bad[i] - off[i]) + 1
             rejector("invalid_residue", header, line,
                      f"invalid residue {shown!r} at position {pos}")
-    return Clean(np.flatnonzero(reason == 0), res, off)
+    return Clean(np.flatnonzero(reason == 0), res, off, counts)
 
 
 def read_sequences(
@@ -193,7 +216,10 @@ def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -
     start, end = clean.offsets[idx], clean.offsets[idx + 1]
     sequences = gather_strings(clean.residues, start, end)
     n_residues = int((end - start).sum())
-    counts = byte_counts(np.frombuffer(sequences.buffers()[2], np.uint8)[:n_residues])
+    if clean.counts is not None and len(idx) == len(raw):  # every record kept: all residues
+        counts = clean.counts
+    else:
+        counts = byte_counts(np.frombuffer(sequences.buffers()[2], np.uint8)[:n_residues])
     table = (parsed
              .append_column("length", pa.array(end - start, pa.int64()))
              .append_column("sequence", sequences)
