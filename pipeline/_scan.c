@@ -514,19 +514,23 @@ static void md5_block_lanes(md5_vec st[4], const uint8_t *const blocks[MD5_LANES
     st[3] += d;
 }
 
+/* Put message *next (if any is left) in lane l and start its state; 0 when none is left. */
+static int md5_lane_load(md5_msg msgs[], md5_vec st[4], Py_ssize_t which[], int l,
+                         Py_ssize_t *next, Py_ssize_t n, const uint8_t *data, const int64_t *off) {
+    which[l] = *next < n ? (*next)++ : -1;
+    if (which[l] < 0) return 0;
+    md5_msg_init(&msgs[l], data + off[which[l]], (size_t)(off[which[l] + 1] - off[which[l]]));
+    for (int w = 0; w < 4; w++) st[w][l] = MD5_IV[w];
+    return 1;
+}
+
 static void md5_hex_lanes(const uint8_t *data, const int64_t *off, Py_ssize_t n, uint8_t *hex) {
     static const uint8_t idle[64];
     md5_msg msgs[MD5_LANES];
     Py_ssize_t which[MD5_LANES]; /* the message in each lane, -1: idle */
     md5_vec st[4];
     Py_ssize_t next = 0, busy = 0;
-    for (int l = 0; l < MD5_LANES; l++) {
-        which[l] = next < n ? next++ : -1;
-        if (which[l] < 0) continue;
-        busy++;
-        md5_msg_init(&msgs[l], data + off[which[l]], (size_t)(off[which[l] + 1] - off[which[l]]));
-        for (int w = 0; w < 4; w++) st[w][l] = MD5_IV[w];
-    }
+    for (int l = 0; l < MD5_LANES; l++) busy += md5_lane_load(msgs, st, which, l, &next, n, data, off);
     while (busy) {
         const uint8_t *blocks[MD5_LANES];
         for (int l = 0; l < MD5_LANES; l++) blocks[l] = which[l] < 0 ? idle : md5_msg_block(&msgs[l]);
@@ -535,13 +539,7 @@ static void md5_hex_lanes(const uint8_t *data, const int64_t *off, Py_ssize_t n,
             if (which[l] < 0 || ++msgs[l].next < msgs[l].total) continue;
             uint32_t done[4] = {st[0][l], st[1][l], st[2][l], st[3][l]};
             md5_to_hex(done, hex + 32 * which[l]);
-            which[l] = next < n ? next++ : -1;
-            if (which[l] < 0) {
-                busy--;
-                continue;
-            }
-            md5_msg_init(&msgs[l], data + off[which[l]], (size_t)(off[which[l] + 1] - off[which[l]]));
-            for (int w = 0; w < 4; w++) st[w][l] = MD5_IV[w];
+            if (!md5_lane_load(msgs, st, which, l, &next, n, data, off)) busy--;
         }
     }
 }
