@@ -2,15 +2,18 @@
 
 A Parquet writer encodes one row group after another on one thread, and at UniProt scale that
 encode is the long pole of the stages that write sorted outputs (it cannot start before the
-sort). :class:`ParquetSink` encodes each row group as a one-row-group Parquet file (a temporary
-beside the output), on a thread pool, then appends their column chunks to the output in order
-and writes one footer: the row groups' metadata with their offsets moved to where the chunks
-landed (:mod:`pipeline.thrift_compact`). The file is byte for byte what one ``pyarrow``
-ParquetWriter writing the same row groups writes (tested), whatever the number of threads.
+sort). :class:`ParquetSink` encodes each row group as a one-row-group Parquet file on a thread
+pool, keeps its column chunks and writes one footer: the row groups' metadata with their
+offsets moved to where the chunks landed (:mod:`pipeline.thrift_compact`). With one row group
+in flight the encoder writes straight into the output, after the chunks before it (its own
+footer is read back and overwritten by the next); with more, each is encoded into a temporary
+beside the output and its chunks appended in order. The file is byte for byte what one
+``pyarrow`` ParquetWriter writing the same row groups writes (tested), whatever the threads.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 from collections import deque
@@ -33,29 +36,51 @@ _CHUNK_PAGE_INDEX = (4, 6)  # offset/column index offsets: not written (write_pa
 _META_OFFSETS = (9, 10, 11, 14)  # data, index, dictionary page; bloom filter
 
 
-def encode_row_group(table: pa.Table, schema: pa.Schema, dest: Path) -> Path:
+def encode_row_group(table: pa.Table, schema: pa.Schema, dest: Path | OutputTail) -> None:
     """Write ``table`` (of ``schema``) to ``dest`` as a one-row-group zstd Parquet file
     (pyarrow's default settings)."""
     with pq.ParquetWriter(dest, schema, compression=COMPRESSION) as writer:
         writer.write_table(table, max(1, table.num_rows))
-    return dest
 
 
-def _write_all(dst: BinaryIO, data: bytes | memoryview) -> None:
-    """Write all of ``data`` to the unbuffered file ``dst`` (a raw write may be partial)."""
+class OutputTail(io.RawIOBase):
+    """A writable stream into the open file ``fd`` from offset ``start``, less the first
+    ``len(MAGIC)`` bytes written to it (a one-row-group Parquet file's leading magic)."""
+
+    def __init__(self, fd: int, start: int) -> None:
+        super().__init__()
+        self.fd, self.end, self._skip = fd, start, len(MAGIC)
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(data).cast("B")
+        size = len(view)
+        skip = min(self._skip, size)
+        self._skip -= skip
+        _pwrite_all(self.fd, view[skip:], self.end)
+        self.end += size - skip
+        return size
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` to ``fd`` at ``offset`` (a raw write may be partial)."""
     view = memoryview(data)
     while view:
-        view = view[dst.write(view) :]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
-def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
-    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst`` (in the kernel where it
-    can: no copy through this process's memory)."""
+def _copy_range(src: BinaryIO, dst: int, offset: int, count: int, dst_offset: int) -> None:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to ``dst`` at ``dst_offset`` (in the
+    kernel where it can: no copy through this process's memory)."""
     done = 0
     if hasattr(os, "copy_file_range"):
         try:
             while done < count:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), count - done, offset + done)
+                n = os.copy_file_range(src.fileno(), dst, count - done, offset + done,
+                                       dst_offset + done)
                 if n == 0:
                     break
                 done += n
@@ -66,7 +91,7 @@ def _copy_range(src: BinaryIO, dst: BinaryIO, offset: int, count: int) -> None:
         block = src.read(min(8 << 20, count - done))
         if not block:
             raise OSError(f"{src.name}: ended {count - done} bytes early")
-        _write_all(dst, block)
+        _pwrite_all(dst, block, dst_offset + done)
         done += len(block)
 
 
@@ -98,7 +123,7 @@ class ParquetSink:
     with one thread), at most ``depth`` at a time. Nothing is written for no rows.
 
     Use as a context manager, or call :meth:`close`; leaving the block on an error abandons
-    the file (its path is a temporary one, :func:`pipeline.atomic.atomic_path`).
+    the file (emptied; its path is a temporary one, :func:`pipeline.atomic.atomic_path`).
     """
 
     def __init__(self, path: Path, row_group_rows: int, pool: Executor | None = None,
@@ -110,11 +135,13 @@ class ParquetSink:
         self.pending_rows = 0
         self.rows = 0
         self.schema: pa.Schema | None = None
-        self._encoding: deque[tuple[Path, Future[Path]]] = deque()
+        # row groups being encoded, oldest first: into the output itself (an OutputTail, one
+        # in flight) or into a temporary file beside it (a Path)
+        self._encoding: deque[tuple[Path | OutputTail, Future[None]]] = deque()
         self._parts = 0
-        self._file: BinaryIO | None = None
-        self._offset = len(MAGIC)
-        self._head: list[Field] = []  # the first part's footer: schema, key-values, creator
+        self._fd: int | None = None
+        self._offset = len(MAGIC)  # where the next row group's chunks go
+        self._head: list[Field] = []  # the first row group's footer: schema, key-values, creator
         self._row_groups: list[bytes] = []  # encoded: ~150 bytes per column chunk
         self._closed = False
 
@@ -141,6 +168,13 @@ class ParquetSink:
         if self.pending_rows >= self.row_group_rows:
             self._flush(final=False)
 
+    def _output(self) -> int:
+        """The output's descriptor (created, with its leading magic, on first use)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            _pwrite_all(self._fd, MAGIC, 0)
+        return self._fd
+
     def _flush(self, final: bool) -> None:
         table = pa.concat_tables(self.pending)  # zero-copy: the group slices below share it
         size = self.row_group_rows
@@ -151,45 +185,61 @@ class ParquetSink:
             while len(self._encoding) >= self.depth:  # before the gather: bounds memory
                 self._append_next()
             group = table.slice(start, min(size, full - start)).combine_chunks()
-            # ".NAME.*.tmp" like the output's own temporary: a killed run's parts are removed
-            # as stale by the next run (pipeline.atomic.remove_stale)
-            part = self.path.with_name(
-                f"{self.path.name.removesuffix('.tmp')}.rg{self._parts}.tmp")
-            self._parts += 1
+            dest: Path | OutputTail
+            if self.depth == 1:  # the only one in flight: straight after the chunks so far
+                dest = OutputTail(self._output(), self._offset)
+            else:
+                # ".NAME.*.tmp" like the output's own temporary: a killed run's parts are
+                # removed as stale by the next run (pipeline.atomic.remove_stale)
+                dest = self.path.with_name(
+                    f"{self.path.name.removesuffix('.tmp')}.rg{self._parts}.tmp")
+                self._parts += 1
             self._encoding.append(
-                (part, self.pool.submit(encode_row_group, group, self.schema, part)))
+                (dest, self.pool.submit(encode_row_group, group, self.schema, dest)))
             del group
 
     def _append_next(self) -> None:
-        """Wait for the oldest row group's encoding and append it."""
-        part, future = self._encoding[0]
+        """Wait for the oldest row group's encoding and take in its chunks and footer."""
+        dest, future = self._encoding[0]
         future.result()
         self._encoding.popleft()
-        self._append(part)
+        if isinstance(dest, OutputTail):
+            self._take_footer(self._footer_of(dest.fd, dest.end), dest.end)
+        else:
+            self._append(dest)
+
+    @staticmethod
+    def _footer_of(fd: int, end: int) -> bytes:
+        """The footer of the one-row-group Parquet file that ends at ``end`` in ``fd``."""
+        (footer_len,) = struct.unpack("<I", os.pread(fd, 4, end - 8))
+        footer = os.pread(fd, footer_len, end - 8 - footer_len)
+        if len(footer) != footer_len:
+            raise OSError(f"row group footer: {len(footer)} of {footer_len} bytes read")
+        return footer
+
+    def _take_footer(self, footer_bytes: bytes, end: int) -> None:
+        """Keep the row groups of an encoded file whose chunks are now in the output, up to
+        its footer (which ends at ``end``: the next chunks go where the footer begins)."""
+        footer, _ = decode(footer_bytes)
+        if not self._head:
+            self._head = footer
+        delta = self._offset - len(MAGIC)
+        self._row_groups += [encode(_moved_row_group(g, delta))
+                             for g in find(footer, _FILE_ROW_GROUPS).value.values]
+        self._offset = end - 8 - len(footer_bytes)
 
     def _append(self, part: Path) -> None:
         """Append the column chunks of an encoded one-row-group file; keep its footer."""
         with open(part, "rb") as src:
             size = src.seek(0, os.SEEK_END)
-            src.seek(size - 8)
-            (footer_len,) = struct.unpack("<I", src.read(4))
-            src.seek(size - 8 - footer_len)
-            footer, _ = decode(src.read(footer_len))
-            body = size - 8 - footer_len - len(MAGIC)
-            if self._file is None:
-                # unbuffered: copy_file_range appends through the descriptor itself
-                self._file = open(self.path, "wb", buffering=0)  # noqa: SIM115 - closed by close/abandon
-                _write_all(self._file, MAGIC)
-                self._head = footer
-            delta = self._offset - len(MAGIC)
-            self._row_groups += [encode(_moved_row_group(g, delta))
-                                 for g in find(footer, _FILE_ROW_GROUPS).value.values]
-            _copy_range(src, self._file, len(MAGIC), body)
+            footer = self._footer_of(src.fileno(), size)
+            body = size - 8 - len(footer) - len(MAGIC)
+            _copy_range(src, self._output(), len(MAGIC), body, self._offset)
         part.unlink()
-        self._offset += body
+        self._take_footer(footer, self._offset + body + len(footer) + 8)
 
     def close(self) -> None:
-        """Encode what is pending, append every row group and write the footer."""
+        """Encode what is pending, take in every row group and write the footer."""
         if self._closed:
             return
         try:
@@ -197,8 +247,10 @@ class ParquetSink:
                 self._flush(final=True)
             while self._encoding:
                 self._append_next()
-            if self._file is not None:
-                _write_all(self._file, self._footer())
+            if self._fd is not None:
+                footer = self._footer()
+                _pwrite_all(self._fd, footer, self._offset)
+                os.ftruncate(self._fd, self._offset + len(footer))  # the last row group's own
         except BaseException:
             self.abandon()
             raise
@@ -217,21 +269,24 @@ class ParquetSink:
 
     def abandon(self) -> None:
         """Stop: drop what is queued, wait for what runs, delete the encoded row groups and
-        close the (incomplete) file."""
+        empty and close the (incomplete) file."""
         for _, future in self._encoding:
             future.cancel()
-        for part, future in self._encoding:
+        for dest, future in self._encoding:
             if not future.cancelled():
                 future.exception()  # wait; its error is not the one to report
-            part.unlink(missing_ok=True)
+            if isinstance(dest, Path):
+                dest.unlink(missing_ok=True)
         self._encoding.clear()
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no row group left in it that reads as a Parquet file
         self._finish()
 
     def _finish(self) -> None:
         self._closed = True
         self.pending = []
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._own_pool:
             self.pool.shutdown(wait=True)

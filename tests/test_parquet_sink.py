@@ -62,7 +62,8 @@ def test_the_bytes_are_one_writers_whatever_the_threads_and_cuts(tmp_path, threa
 
 def test_without_copy_file_range_the_chunks_are_copied_through_memory(tmp_path, monkeypatch):
     """Where the kernel cannot copy between the files (no os.copy_file_range, or it fails), the
-    row groups are read and written back: the same bytes."""
+    row groups encoded into temporaries (two in flight) are read and written back: the same
+    bytes."""
     import os
 
     from pipeline import parquet_sink
@@ -70,7 +71,7 @@ def test_without_copy_file_range_the_chunks_are_copied_through_memory(tmp_path, 
     table = _table(2500)
     expected = _reference(table, tmp_path / "ref.parquet", 1000)
     monkeypatch.delattr(os, "copy_file_range", raising=False)
-    with ParquetSink(tmp_path / "a.parquet", 1000) as sink:
+    with ThreadPoolExecutor(2) as pool, ParquetSink(tmp_path / "a.parquet", 1000, pool, 2) as sink:
         sink.write(table)
     assert (tmp_path / "a.parquet").read_bytes() == expected
 
@@ -78,7 +79,7 @@ def test_without_copy_file_range_the_chunks_are_copied_through_memory(tmp_path, 
         raise OSError(18, "Invalid cross-device link")
 
     monkeypatch.setattr(parquet_sink.os, "copy_file_range", refuses, raising=False)
-    with ParquetSink(tmp_path / "b.parquet", 1000) as sink:
+    with ThreadPoolExecutor(2) as pool, ParquetSink(tmp_path / "b.parquet", 1000, pool, 2) as sink:
         sink.write(table)
     assert (tmp_path / "b.parquet").read_bytes() == expected
 
@@ -151,6 +152,31 @@ def test_an_encoding_error_in_a_worker_abandons_the_file_and_its_row_groups(tmp_
         for start in range(0, 100, 7):
             sink.write(_table(100).slice(start, 7))
     assert len(calls) >= 3
+    assert _left_behind(tmp_path, out) == []
+
+
+def test_an_encoding_error_straight_into_the_output_leaves_it_empty(tmp_path, monkeypatch):
+    """One row group in flight is encoded into the output itself: a failure after row groups
+    were written (and half of the next) leaves a file that does not read as Parquet."""
+    from pipeline import parquet_sink
+
+    calls = []
+
+    def failing(table, schema, dest):
+        calls.append(dest)
+        if len(calls) == 3:
+            dest.write(b"PAR1half a row group")
+            raise OSError("disk full")
+        return parquet_sink.encode_row_group.__wrapped__(table, schema, dest)
+
+    failing.__wrapped__ = parquet_sink.encode_row_group
+    monkeypatch.setattr(parquet_sink, "encode_row_group", failing)
+    out = tmp_path / "out.parquet"
+    with pytest.raises(OSError, match="disk full"), ParquetSink(out, 10, depth=1) as sink:
+        for start in range(0, 100, 7):
+            sink.write(_table(100).slice(start, 7))
+    assert len(calls) == 3 and all(isinstance(d, parquet_sink.OutputTail) for d in calls)
+    assert out.stat().st_size == 0
     assert _left_behind(tmp_path, out) == []
 
 
