@@ -114,7 +114,10 @@ def _duplicate_accessions(
     drop."""
     drops = []
     for table in partitions:
-        df = pl.from_arrow(table.select(ACC_COLUMNS)).sort(["accession", "source", "line"])
+        df = pl.from_arrow(table.select(ACC_COLUMNS))
+        if df.get_column("accession").n_unique() == df.height:
+            continue  # the common case, found by hashing (a quarter of the sort's time)
+        df = df.sort(["accession", "source", "line"])
         dups = df.filter(pl.col("accession").is_first_distinct().not_())
         if dups.is_empty():
             continue
