@@ -131,8 +131,11 @@ def test_a_table_that_does_not_fit_the_schema_abandons_the_file(tmp_path):
     assert _left_behind(tmp_path, out) == []
 
 
+@pytest.mark.parametrize("depth", [1, 2], ids=["straight-into-the-output", "temporaries"])
 def test_an_encoding_error_in_a_worker_abandons_the_file_and_its_row_groups(tmp_path,
-                                                                              monkeypatch):
+                                                                              monkeypatch, depth):
+    """A failure after row groups were written (and half of the next): the output is emptied
+    (one row group in flight is encoded into it) and the encoded temporaries are deleted."""
     from pipeline import parquet_sink
 
     calls = []
@@ -140,7 +143,10 @@ def test_an_encoding_error_in_a_worker_abandons_the_file_and_its_row_groups(tmp_
     def failing(table, schema, dest):
         calls.append(dest)
         if len(calls) == 3:
-            dest.write_bytes(b"half")
+            if isinstance(dest, Path):
+                dest.write_bytes(b"PAR1half")
+            else:
+                dest.write(b"PAR1half")
             raise OSError("disk full")
         return parquet_sink.encode_row_group.__wrapped__(table, schema, dest)
 
@@ -148,34 +154,12 @@ def test_an_encoding_error_in_a_worker_abandons_the_file_and_its_row_groups(tmp_
     monkeypatch.setattr(parquet_sink, "encode_row_group", failing)
     out = tmp_path / "out.parquet"
     with (ThreadPoolExecutor(2) as pool, pytest.raises(OSError, match="disk full"),
-          ParquetSink(out, 10, pool, depth=2) as sink):
+          ParquetSink(out, 10, pool, depth=depth) as sink):
         for start in range(0, 100, 7):
             sink.write(_table(100).slice(start, 7))
     assert len(calls) >= 3
-    assert _left_behind(tmp_path, out) == []
-
-
-def test_an_encoding_error_straight_into_the_output_leaves_it_empty(tmp_path, monkeypatch):
-    """One row group in flight is encoded into the output itself: a failure after row groups
-    were written (and half of the next) leaves a file that does not read as Parquet."""
-    from pipeline import parquet_sink
-
-    calls = []
-
-    def failing(table, schema, dest):
-        calls.append(dest)
-        if len(calls) == 3:
-            dest.write(b"PAR1half a row group")
-            raise OSError("disk full")
-        return parquet_sink.encode_row_group.__wrapped__(table, schema, dest)
-
-    failing.__wrapped__ = parquet_sink.encode_row_group
-    monkeypatch.setattr(parquet_sink, "encode_row_group", failing)
-    out = tmp_path / "out.parquet"
-    with pytest.raises(OSError, match="disk full"), ParquetSink(out, 10, depth=1) as sink:
-        for start in range(0, 100, 7):
-            sink.write(_table(100).slice(start, 7))
-    assert len(calls) == 3 and all(isinstance(d, parquet_sink.OutputTail) for d in calls)
+    kind = parquet_sink.OutputTail if depth == 1 else Path
+    assert all(isinstance(dest, kind) for dest in calls)
     assert out.stat().st_size == 0
     assert _left_behind(tmp_path, out) == []
 
