@@ -204,7 +204,8 @@ class ParquetSink:
         future.result()
         self._encoding.popleft()
         if isinstance(dest, OutputTail):
-            self._take_footer(self._footer_of(dest.fd, dest.end), dest.end)
+            footer = self._footer_of(dest.fd, dest.end)
+            self._take_footer(footer, dest.end - 8 - len(footer))
         else:
             self._append(dest)
 
@@ -217,16 +218,16 @@ class ParquetSink:
             raise OSError(f"row group footer: {len(footer)} of {footer_len} bytes read")
         return footer
 
-    def _take_footer(self, footer_bytes: bytes, end: int) -> None:
-        """Keep the row groups of an encoded file whose chunks are now in the output, up to
-        its footer (which ends at ``end``: the next chunks go where the footer begins)."""
+    def _take_footer(self, footer_bytes: bytes, chunks_end: int) -> None:
+        """Keep the row groups of an encoded file whose chunks are now in the output, from
+        ``self._offset`` to ``chunks_end`` (where the next chunks go)."""
         footer, _ = decode(footer_bytes)
         if not self._head:
             self._head = footer
         delta = self._offset - len(MAGIC)
         self._row_groups += [encode(_moved_row_group(g, delta))
                              for g in find(footer, _FILE_ROW_GROUPS).value.values]
-        self._offset = end - 8 - len(footer_bytes)
+        self._offset = chunks_end
 
     def _append(self, part: Path) -> None:
         """Append the column chunks of an encoded one-row-group file; keep its footer."""
@@ -236,7 +237,7 @@ class ParquetSink:
             body = size - 8 - len(footer) - len(MAGIC)
             _copy_range(src, self._output(), len(MAGIC), body, self._offset)
         part.unlink()
-        self._take_footer(footer, self._offset + body + len(footer) + 8)
+        self._take_footer(footer, self._offset + body)
 
     def close(self) -> None:
         """Encode what is pending, take in every row group and write the footer."""
