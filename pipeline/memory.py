@@ -1,10 +1,12 @@
 """Keeping a long stage's resident memory near its live data.
 
-Two allocators hold on to memory a stage has freed: Arrow's default pool (mimalloc) keeps freed
-pages of each thread's heap, and glibc keeps each thread's malloc arena (numpy arrays, bytes).
-Measured on the ingest benchmark, these added ~150-250 MiB to the resident peak.
-:func:`arrow_jemalloc` switches Arrow to its jemalloc pool (which hands freed pages back
-within a second) for a block; :func:`trim_heap` gives the free memory of Arrow's default pool
+Two allocators hold on to memory a stage has freed: Arrow's mimalloc pool keeps freed pages of
+each thread's heap, and glibc keeps each thread's malloc arena (numpy arrays, bytes). Measured
+on the ingest benchmark, these added ~150-250 MiB to the resident peak. Importing ``pipeline``
+makes jemalloc (which hands freed pages back within a second) Arrow's process-wide pool on Linux
+(``pipeline/__init__.py``: it has to be chosen before pyarrow loads); where pyarrow was loaded
+first, :func:`arrow_jemalloc` switches pyarrow's own allocations to it for a block (Arrow's C++
+parts keep the process default). :func:`trim_heap` gives the free memory of Arrow's default pool
 and of glibc back at a phase end (~100 MiB at the end of the ingest parse).
 """
 
