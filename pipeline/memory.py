@@ -3,11 +3,12 @@
 Two allocators hold on to memory a stage has freed: Arrow's mimalloc pool keeps freed pages of
 each thread's heap, and glibc keeps each thread's malloc arena (numpy arrays, bytes). Measured
 on the ingest benchmark, these added ~150-250 MiB to the resident peak. Importing ``pipeline``
-makes jemalloc (which hands freed pages back within a second) Arrow's process-wide pool on Linux
-(``pipeline/__init__.py``: it has to be chosen before pyarrow loads); where pyarrow was loaded
-first, :func:`arrow_jemalloc` switches pyarrow's own allocations to it for a block (Arrow's C++
-parts keep the process default). :func:`trim_heap` gives the free memory of Arrow's default pool
-and of glibc back at a phase end (~100 MiB at the end of the ingest parse).
+makes jemalloc Arrow's process-wide pool on Linux (``pipeline/__init__.py``: it has to be chosen
+before pyarrow loads), set to keep freed pages for the next buffers (the peak stays that of the
+live data: what is kept is reused); where pyarrow was loaded first, :func:`arrow_jemalloc`
+switches pyarrow's own allocations to it for a block (Arrow's C++ parts keep the process
+default). :func:`trim_heap` gives the free memory of glibc, and of a pool that can release it
+(mimalloc, the system allocator), back at a phase end (~100 MiB at the end of the ingest parse).
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def trim_heap() -> None:
-    """Return the free memory of Arrow's default pool and of glibc's heap to the OS (a phase
-    end: each holds on to what the phase freed)."""
+    """Return the free memory of glibc's heap and of Arrow's default pool (where it releases
+    any: not jemalloc as configured here) to the OS at a phase end."""
     pa.default_memory_pool().release_unused()
     libc = _libc()
     if libc is not None:
