@@ -89,9 +89,12 @@ def gather_strings(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Ar
     if len(start) and lengths.sum() == end[-1] - start[0] and (start[1:] == end[:-1]).all():
         data = buf[start[0] : end[-1]]  # contiguous spans: no gather
     elif scan is not None:
-        data = np.empty(int(offsets[-1]), np.uint8)
+        # from Arrow's pool, which keeps freed pages for the next chunk (numpy's large arrays
+        # are fresh pages from the kernel each time, every one faulted in and zeroed)
+        out = pa.allocate_buffer(int(offsets[-1]))
         scan.gather(buf, np.ascontiguousarray(start, np.int64),
-                    np.ascontiguousarray(end, np.int64), data)
+                    np.ascontiguousarray(end, np.int64), np.frombuffer(out, np.uint8))
+        return pa.LargeStringArray.from_buffers(len(start), pa.py_buffer(offsets), out)
     else:
         data = buf[np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])]
     return pa.LargeStringArray.from_buffers(len(start), pa.py_buffer(offsets), pa.py_buffer(data))

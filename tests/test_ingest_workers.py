@@ -46,6 +46,27 @@ def _records(n: int, bad: dict[int, str]) -> str:
     return "".join(out)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_headers_without_an_identifier_are_reported_in_file_order(tmp_path: Path,
+                                                                  workers: int) -> None:
+    """Rows reach the partitions grouped by their sequence's hash: the records rejected while
+    they are gathered in that order are still reported in the order of the file."""
+    text = _records(200, {})
+    lines = text.splitlines(keepends=True)
+    for i in (20, 5, 13, 170):  # all but the last in the first chunk, in different partitions
+        lines[2 * i] = f">  Nameless {i}\n"
+    fasta = write_fasta(tmp_path / "nameless.fa", "".join(lines))
+    with pytest.raises(InputFormatError, match=r"nameless.fa: record Nameless \(line 11\): "
+                                               r"header has no identifier"):
+        ingest([fasta], tmp_path / "fail", chunk_bytes=CHUNK, bucket_bytes=1 << 12,
+               workers=workers)
+    stats = ingest([fasta], tmp_path / "skip", on_error="skip", chunk_bytes=CHUNK,
+                   bucket_bytes=1 << 12, workers=workers)
+    assert stats["rejected_by_reason"] == {"empty_header": 4} and stats["records_kept"] == 196
+    assert [m.split("(line ")[1].split(")")[0] for m in stats["rejected_examples"]] == [
+        "11", "27", "41", "341"]
+
+
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_the_first_bad_record_in_the_file_is_reported(tmp_path: Path, kind: str) -> None:
     bad = {700: "MKV1", 150: "MKVJ", 400: ""}
