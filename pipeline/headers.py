@@ -192,12 +192,16 @@ def _fields_numpy(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> _Fiel
     n = len(start)
     lengths = end - start
     gaps = start - np.r_[0, end[:-1]]
-    mask = np.repeat(np.tile(np.array([False, True]), n), np.column_stack([gaps, lengths]).ravel())
-    hb = data[: len(mask)][mask]  # the headers' bytes, back to back
     a = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=a[1:])
     z = a[1:]
     a = a[:-1]
+    if (gaps >= 0).all():  # spans in file order: the bytes between them masked out
+        mask = np.repeat(np.tile(np.array([False, True]), n),
+                         np.column_stack([gaps, lengths]).ravel())
+        hb = data[: len(mask)][mask]  # the headers' bytes, back to back
+    else:  # in another order (rows grouped by partition): gathered
+        hb = data[np.repeat(start - a, lengths) + np.arange(z[-1])]
     pad = np.concatenate([hb, np.zeros(_PREFIX_WIDTH + 8, np.uint8)])
 
     def row_of(pos: np.ndarray) -> np.ndarray:

@@ -205,19 +205,23 @@ def test_a_partition_collapsed_in_pieces_writes_the_same_bytes(
     assert outputs(tmp_path / "pieces") == outputs(tmp_path / "whole")
 
 
+@pytest.mark.parametrize("bucket_bytes", [1 << 30, 1 << 16], ids=["in-memory", "partitions"])
 def test_the_compiled_kernels_write_the_bytes_of_the_numpy_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: object) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scan: object, bucket_bytes: int) -> None:
     """pipeline/_scan.c (split, headers, md5, counts) against its numpy twins on the sample
-    and on messy records (lower case, '*', CRLF, blank lines, odd headers), skip mode."""
+    and on messy records (lower case, '*', CRLF, blank lines, odd headers), skip mode; with
+    partitions, each chunk's rows are gathered in partition order."""
     from pipeline import kernels
 
     messy = write_fasta(tmp_path / "messy.fa", _records(300, {5: "mkv*", 9: "MK V\tL", 12: "MKJ"})
                         .replace("\n>sp|P00007", "\r\n\n>sp|P00007 ")
                         .replace(">sp|P00020|E20_HUMAN", ">UniRef90_Q9 x n=3 TaxID=77 \x0b"))
     inputs = [SAMPLE_FASTA, messy]
-    got = ingest(inputs, tmp_path / "compiled", chunk_bytes=CHUNK, on_error="skip", workers=2)
+    got = ingest(inputs, tmp_path / "compiled", chunk_bytes=CHUNK, on_error="skip", workers=2,
+                 bucket_bytes=bucket_bytes)
     monkeypatch.setattr(kernels, "SCAN", None)
-    want = ingest(inputs, tmp_path / "numpy", chunk_bytes=CHUNK, on_error="skip", workers=2)
+    want = ingest(inputs, tmp_path / "numpy", chunk_bytes=CHUNK, on_error="skip", workers=2,
+                  bucket_bytes=bucket_bytes)
     assert got == want and got["records_rejected"] == 1
     assert outputs(tmp_path / "compiled") == outputs(tmp_path / "numpy")
 
