@@ -89,12 +89,9 @@ def gather_strings(buf: np.ndarray, start: np.ndarray, end: np.ndarray) -> pa.Ar
     if len(start) and lengths.sum() == end[-1] - start[0] and (start[1:] == end[:-1]).all():
         data = buf[start[0] : end[-1]]  # contiguous spans: no gather
     elif scan is not None:
-        # from Arrow's pool, which keeps freed pages for the next chunk (numpy's large arrays
-        # are fresh pages from the kernel each time, every one faulted in and zeroed)
-        out = pa.allocate_buffer(int(offsets[-1]))
+        data = np.empty(int(offsets[-1]), np.uint8)
         scan.gather(buf, np.ascontiguousarray(start, np.int64),
-                    np.ascontiguousarray(end, np.int64), np.frombuffer(out, np.uint8))
-        return pa.LargeStringArray.from_buffers(len(start), pa.py_buffer(offsets), out)
+                    np.ascontiguousarray(end, np.int64), data)
     else:
         data = buf[np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])]
     return pa.LargeStringArray.from_buffers(len(start), pa.py_buffer(offsets), pa.py_buffer(data))
@@ -192,16 +189,12 @@ def _fields_numpy(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> _Fiel
     n = len(start)
     lengths = end - start
     gaps = start - np.r_[0, end[:-1]]
+    mask = np.repeat(np.tile(np.array([False, True]), n), np.column_stack([gaps, lengths]).ravel())
+    hb = data[: len(mask)][mask]  # the headers' bytes, back to back
     a = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=a[1:])
     z = a[1:]
     a = a[:-1]
-    if (gaps >= 0).all():  # spans in file order: the bytes between them masked out
-        mask = np.repeat(np.tile(np.array([False, True]), n),
-                         np.column_stack([gaps, lengths]).ravel())
-        hb = data[: len(mask)][mask]  # the headers' bytes, back to back
-    else:  # in another order (rows grouped by partition): gathered
-        hb = data[np.repeat(start - a, lengths) + np.arange(z[-1])]
     pad = np.concatenate([hb, np.zeros(_PREFIX_WIDTH + 8, np.uint8)])
 
     def row_of(pos: np.ndarray) -> np.ndarray:

@@ -42,25 +42,19 @@ _KEY_DIGITS = KEY_BITS // 4
 _DIGIT_SHIFTS = np.arange(4 * (_KEY_DIGITS - 1), -1, -4, dtype=np.int64)
 
 
-def hash_keys(hashes: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Partition key of each sequence by its md5 (lower-case hex; identical sequences meet in
-    one partition, and partitions follow hash order): the digest's first 48 bits."""
-    if isinstance(hashes, pa.ChunkedArray):
-        hashes = hashes.combine_chunks()
-    hashes = hashes.cast(pa.large_string())
+def seq_keys(table: pa.Table) -> np.ndarray:
+    """Partition key of each record, by its sequence's md5 (identical sequences meet in one
+    partition; partitions follow hash order): the digest's first 48 bits, read off the hex
+    digits in numpy."""
+    hashes = table.column("seq_hash").combine_chunks().cast(pa.large_string())
     n = len(hashes)
-    offsets = np.frombuffer(hashes.buffers()[1], np.int64)[hashes.offset : hashes.offset + n + 1]
     if n == 0:
         return np.zeros(0, np.int64)
+    offsets = np.frombuffer(hashes.buffers()[1], np.int64)[hashes.offset : hashes.offset + n + 1]
     if not (np.diff(offsets) == 32).all():
-        raise ValueError("hash_keys: expected 32 hex digits per md5")
+        raise ValueError("seq_keys: expected 32 hex digits per md5")
     digits = np.frombuffer(hashes.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
     return (_HEX_DIGIT[digits.reshape(n, 32)[:, :_KEY_DIGITS]] << _DIGIT_SHIFTS).sum(axis=1)
-
-
-def seq_keys(table: pa.Table) -> np.ndarray:
-    """:func:`hash_keys` of a table's ``seq_hash`` column."""
-    return hash_keys(table.column("seq_hash"))
 
 
 def acc_keys(table: pa.Table) -> np.ndarray:
@@ -107,22 +101,19 @@ def parse_block(task: BlockTask) -> ParsedChunk:
     rejections: list[tuple[str, str]] = []
     rejector = Rejector(task.path, task.on_error,
                         lambda reason, message: rejections.append((reason, message)))
-    n = task.n_buckets
-    grouped = task.partition_dir is not None and n > 1
-    # rows come grouped by their sequence's partition: appended to the partitions as slices
-    grouping = ((lambda hashes: bucket_of(hash_keys(hashes), n)), n) if grouped else None
-    rows = chunk_rows(raw, clean(raw, rejector), task.source, rejector, grouping)
+    rows = chunk_rows(raw, clean(raw, rejector), task.source, rejector)
     chunk = ParsedChunk(len(raw), int(raw.offsets[-1]), rows.residue_counts, rejections)
     if task.partition_dir is None:
         chunk.table = rows.table
         return chunk
+    n = task.n_buckets
     if task.partition_dir not in _WRITERS:
         task.partition_dir.mkdir(parents=True, exist_ok=True)
         _WRITERS[task.partition_dir] = (BucketWriter(task.partition_dir, "seq", n),
                                         BucketWriter(task.partition_dir, "acc", n))
     seq, acc = _WRITERS[task.partition_dir]
     table = rows.table
-    seq.write_grouped(table, rows.group_counts if grouped else np.array([table.num_rows]))
+    seq.write_grouped(*group_rows(table, bucket_of(seq_keys(table), n), n))
     acc.write_grouped(*group_rows(table.select(ACC_COLUMNS), bucket_of(acc_keys(table), n), n))
     return chunk
 

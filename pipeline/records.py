@@ -196,47 +196,23 @@ def md5_hex(sequences: pa.Array) -> pa.Array:
 
 @dataclass
 class ChunkRows:
-    """A chunk's accepted records as an Arrow table (``RECORD_SCHEMA`` order), the residue
-    counts of all of them, and (grouped rows) the row count of each group, in group order."""
+    """A chunk's accepted records as an Arrow table (``RECORD_SCHEMA`` order), and the residue
+    counts of all of them."""
 
     table: pa.Table
     residue_counts: np.ndarray
-    group_counts: np.ndarray | None = None
 
 
-# Maps the hex md5 of each record's sequence (in file order) to its group (0 .. n-1), and n.
-Grouping = tuple[Callable[[pa.Array], np.ndarray], int]
-
-
-def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector,
-               grouping: Grouping | None = None) -> ChunkRows:
-    """The accepted records of a chunk: header fields, length, sequence, md5, source, line.
-
-    With ``grouping``, the rows come grouped by the group of their sequence's md5 (each group
-    in file order): header fields, sequences and lines are gathered in that order once, with no
-    second copy of the table to regroup it. Rejections are reported in file order either way."""
+def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -> ChunkRows:
+    """The accepted records of a chunk: header fields, length, sequence, md5, source, line."""
     idx = clean.index
-    start, end = clean.offsets[idx], clean.offsets[idx + 1]
-    hashes = md5_hex(gather_strings(clean.residues, start, end))  # no copy: spans contiguous
-    counts_by_group = None
-    if grouping is not None:
-        group_of, n_groups = grouping
-        groups = group_of(hashes)
-        order = np.argsort(groups.astype(np.min_scalar_type(max(n_groups - 1, 0))),
-                           kind="stable")  # a radix sort of small integers
-        idx, groups, hashes = idx[order], groups[order], hashes.take(order)
     parsed = parse_header_bytes(raw.data, raw.header_start[idx], raw.header_end[idx])
     empty = np.asarray(pc.binary_length(parsed.column("accession"))) == 0
     if empty.any():
-        for i in np.sort(idx[empty]).tolist():
+        for i in idx[np.flatnonzero(empty)].tolist():
             rejector("empty_header", raw.header(i), int(raw.lines[i]), "header has no identifier")
-        keep = pa.array(~empty)
-        parsed, hashes = parsed.filter(keep), hashes.filter(keep)
+        parsed = parsed.filter(pa.array(~empty))
         idx = idx[~empty]
-        if grouping is not None:
-            groups = groups[~empty]
-    if grouping is not None:
-        counts_by_group = np.bincount(groups, minlength=n_groups)
     start, end = clean.offsets[idx], clean.offsets[idx + 1]
     sequences = gather_strings(clean.residues, start, end)
     n_residues = int((end - start).sum())
@@ -247,7 +223,7 @@ def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector,
     table = (parsed
              .append_column("length", pa.array(end - start, pa.int64()))
              .append_column("sequence", sequences)
-             .append_column("seq_hash", hashes)
+             .append_column("seq_hash", md5_hex(sequences))
              .append_column("source", pa.array(np.full(len(idx), source, np.int32)))
              .append_column("line", pa.array(raw.lines[idx].astype(np.int64))))
-    return ChunkRows(table, counts, counts_by_group)
+    return ChunkRows(table, counts)

@@ -4,13 +4,16 @@ rejection examples of a one-worker ingest."""
 from __future__ import annotations
 
 import gzip
+import hashlib
 import random
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from pipeline.errors import InputFormatError
 from pipeline.ingest import ingest, ingest_part, merge_parts
+from pipeline.ingest_chunks import seq_keys
 from tests.helpers import SAMPLE_FASTA, halves_of_sample, write_fasta
 
 OUTPUTS = ("sequences.parquet", "records.parquet", "stats/ingest.json")
@@ -33,6 +36,14 @@ def test_workers_write_the_bytes_of_one_worker(tmp_path: Path, kind: str,
     assert outputs(tmp_path / "many") == outputs(tmp_path / "one")
     assert sorted(p.name for p in (tmp_path / "many").iterdir()) == [
         "records.parquet", "sequences.parquet", "stats"]  # no scratch left
+
+
+def test_partition_keys_are_the_first_48_bits_of_the_md5() -> None:
+    hashes = [hashlib.md5(str(i).encode()).hexdigest() for i in range(1000)]
+    column = pa.chunked_array([pa.array(hashes[:300], pa.large_string()),
+                               pa.array(["x", *hashes[300:]], pa.large_string()).slice(1)])
+    keys = seq_keys(pa.table({"seq_hash": column}))
+    assert keys.tolist() == [int(h[:12], 16) for h in hashes]
 
 
 def _records(n: int, bad: dict[int, str]) -> str:
