@@ -36,25 +36,24 @@ _SMALL_INPUT_CHUNKS = 2  # inputs of at most this many chunks are parsed in this
 MAX_AUTO_THREADS = 4
 
 
-_HEX_DIGIT = np.zeros(256, np.int64)
-_HEX_DIGIT[np.frombuffer(b"0123456789abcdef", np.uint8)] = np.arange(16)
 _KEY_DIGITS = KEY_BITS // 4
-_DIGIT_SHIFTS = np.arange(4 * (_KEY_DIGITS - 1), -1, -4, dtype=np.int64)
 
 
 def seq_keys(table: pa.Table) -> np.ndarray:
     """Partition key of each record, by its sequence's md5 (identical sequences meet in one
-    partition; partitions follow hash order): the digest's first 48 bits, read off the hex
-    digits in numpy."""
+    partition; partitions follow hash order): the digest's first 48 bits, from its first 12
+    hex digits (``bytes.fromhex`` of them all at once, read as big-endian integers)."""
     hashes = table.column("seq_hash").combine_chunks().cast(pa.large_string())
     n = len(hashes)
-    if n == 0:
-        return np.zeros(0, np.int64)
     offsets = np.frombuffer(hashes.buffers()[1], np.int64)[hashes.offset : hashes.offset + n + 1]
-    if not (np.diff(offsets) == 32).all():
+    if n and not (np.diff(offsets) == 32).all():
         raise ValueError("seq_keys: expected 32 hex digits per md5")
-    digits = np.frombuffer(hashes.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    return (_HEX_DIGIT[digits.reshape(n, 32)[:, :_KEY_DIGITS]] << _DIGIT_SHIFTS).sum(axis=1)
+    digits = np.frombuffer(hashes.buffers()[2] or b"", np.uint8)[offsets[0] : offsets[-1]]
+    key_bytes = np.zeros((n, 8), np.uint8)
+    key_bytes[:, 8 - _KEY_DIGITS // 2 :] = np.frombuffer(
+        bytes.fromhex(digits.reshape(n, 32)[:, :_KEY_DIGITS].tobytes().decode("ascii")),
+        np.uint8).reshape(n, _KEY_DIGITS // 2)
+    return key_bytes.view(">u8").ravel().astype(np.int64)
 
 
 def acc_keys(table: pa.Table) -> np.ndarray:
