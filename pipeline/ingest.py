@@ -234,10 +234,11 @@ def ingest(
         else:
             seq_parts = partition_files(tmp, "seq", fanout(planned))
             acc_parts = partition_files(tmp, "acc", fanout(planned))
-        drops = _duplicate_accessions(iter_split(acc_parts, planned, acc_keys, tmp / "acc"),
-                                      sources, on_error, stats)
-        return _finish(out, iter_split(seq_parts, planned, seq_keys, tmp / "seq"), drops, stats,
-                       row_group_rows)
+        drops = _duplicate_accessions(
+            iter_split(acc_parts, planned, acc_keys, tmp / "acc", consume=True), sources,
+            on_error, stats)
+        return _finish(out, iter_split(seq_parts, planned, seq_keys, tmp / "seq", consume=True),
+                       drops, stats, row_group_rows)
 
 
 PART_INFO = "part.json"

@@ -169,18 +169,28 @@ def split_factor(planned: int) -> int:
 def iter_split(
     parts: Sequence[Path | list[Path] | pa.Table | None], planned: int,
     key: Callable[[pa.Table], np.ndarray], scratch: Path, batch_rows: int = 1 << 16,
+    consume: bool = False,
 ) -> Iterator[pa.Table]:
     """The rows of each partition (``fanout(planned)`` written ones, in order) as tables of
     about the planned size, in key order: a partition is split on disk into
     ``split_factor(planned)`` pieces by ``key``'s bits below the partition's own, read back one
-    at a time. Empty partitions and pieces are skipped."""
+    at a time. Empty partitions and pieces are skipped. With ``consume``, a partition's files
+    are deleted once read (scratch: the disk they take is freed as the work goes, and no
+    directory of them is left to delete at the end)."""
     factor = split_factor(planned)
     n = fanout(planned)
     for part in parts:
         if part is None:
             continue
-        if factor == 1 or isinstance(part, pa.Table):
-            yield part if isinstance(part, pa.Table) else read_partition_table(part)
+        if isinstance(part, pa.Table):
+            yield part
+            continue
+        if factor == 1:
+            table = read_partition_table(part)  # mapped: the pages outlive the file's name
+            if consume:
+                _unlink(part)
+            yield table
+            del table
             continue
         piece_dir = scratch / "split"
         piece_dir.mkdir(parents=True, exist_ok=True)
@@ -189,11 +199,18 @@ def iter_split(
                 table = pa.Table.from_batches([batch])
                 pieces.write_grouped(
                     *group_rows(table, bucket_of(within(key(table), n), factor), factor))
+        if consume:
+            _unlink(part)
         for path in pieces.close():
             if path is not None:
                 table = read_partition_table(path)
                 path.unlink()
                 yield table
+
+
+def _unlink(paths: Path | list[Path]) -> None:
+    for p in paths if isinstance(paths, list) else [paths]:
+        p.unlink()
 
 
 def _batches(paths: Path | list[Path], rows: int) -> Iterator[pa.RecordBatch]:

@@ -78,6 +78,25 @@ def test_headers_without_an_identifier_are_reported_in_file_order(tmp_path: Path
         "11", "27", "41", "341"]
 
 
+def test_scratch_partitions_are_deleted_as_they_are_read(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk the partitions take is freed as the collapse goes, not all at the end."""
+    import pipeline.partition as partition
+
+    seen: list[tuple[bool, bool]] = []  # per partition read: (its files gone, the last's there)
+
+    def watching(parts, *args, **kwargs):
+        files = [f for f in parts if f]
+        for i, table in enumerate(partition.iter_split(parts, *args, **kwargs)):
+            seen.append((not any(p.exists() for p in files[i]),
+                         all(p.exists() for p in files[-1]) or i == len(files) - 1))
+            yield table
+
+    monkeypatch.setattr("pipeline.ingest.iter_split", watching)
+    ingest([SAMPLE_FASTA], tmp_path / "out", chunk_bytes=CHUNK, bucket_bytes=1 << 16, workers=2)
+    assert len(seen) > 2 * 4 and all(gone and last_there for gone, last_there in seen)
+
+
 @pytest.mark.parametrize("kind", ["thread", "process"])
 def test_the_first_bad_record_in_the_file_is_reported(tmp_path: Path, kind: str) -> None:
     bad = {700: "MKV1", 150: "MKVJ", 400: ""}
@@ -153,10 +172,12 @@ def test_partitions_beyond_the_fanout_split_on_disk_to_the_same_bytes(
     written: list[int] = []
     real_iter_split = partition.iter_split
 
-    def counting(parts, planned, key, scratch, batch_rows=1 << 16):
+    def counting(parts, planned, key, scratch, batch_rows=1 << 16, consume=False):
         written.append(len(parts))
         assert partition.split_factor(planned) > 1  # this ingest does split
-        yield from real_iter_split(parts, planned, key, scratch, batch_rows=97)
+        assert consume  # scratch partitions: deleted as they are read
+        yield from real_iter_split(parts, planned, key, scratch, batch_rows=97, consume=True)
+        assert not any(p.exists() for files in parts if files for p in files)
 
     monkeypatch.setattr("pipeline.ingest.iter_split", counting)
     split = tmp_path / "split"
