@@ -12,11 +12,12 @@ from pathlib import Path
 def run_measured(cmd: list[str], stdout: int | None = None,
                  env: dict[str, str] | None = None) -> tuple[float, float]:
     """Wall seconds and peak memory (MiB) of a child process (``env``: added to this
-    process's environment); exits on failure.
+    process's environment), started with no dirty pages of earlier runs; exits on failure.
 
     The peak is the larger of the kernel's maxrss (the largest single process) and the largest
     sum of RSS over the child and all its descendants, sampled every 20 ms (worker processes
     count together)."""
+    os.sync()  # the writes of the runs before are not written back under this one
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=stdout,
                             env={**os.environ, "ESM2_PROGRESS": "0", **(env or {})})
