@@ -49,7 +49,6 @@ writer.close()
 """
 
 
-
 def ingest_command(fasta: Path, out: str, threads: int, kind: str) -> list[str]:
     """``esm2-data ingest`` as a user runs it (the build's ingest defaults)."""
     script = Path(sys.executable).with_name("esm2-data")

@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from pipeline.errors import InputFormatError, PipelineError
 from pipeline.fasta import iter_blocks, split_records
-from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, group_rows
+from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, group_rows, hashed_keys
 from pipeline.records import Rejector, chunk_rows, clean
 
 ACC_COLUMNS = ["accession", "source", "line"]
@@ -34,9 +33,7 @@ _SMALL_INPUT_CHUNKS = 2  # inputs of at most this many chunks are parsed in this
 # "auto" workers are threads up to this many: on 2 cores threads beat processes (no start-up, no
 # copies between processes); beyond, the GIL-bound parts (per-record md5 calls) would cap them
 MAX_AUTO_THREADS = 4
-
-
-_KEY_DIGITS = KEY_BITS // 4
+_KEY_DIGITS = KEY_BITS // 4  # hex digits of an md5 that make its partition key
 
 
 def seq_keys(table: pa.Table) -> np.ndarray:
@@ -58,8 +55,7 @@ def seq_keys(table: pa.Table) -> np.ndarray:
 
 def acc_keys(table: pa.Table) -> np.ndarray:
     """Partition key of each record by its accession (for the duplicate-accession check)."""
-    hashes = pl.Series(table.column("accession")).hash(seed=0).to_numpy()
-    return (hashes >> np.uint64(64 - KEY_BITS)).astype(np.int64)
+    return hashed_keys(table.column("accession"))
 
 
 @dataclass(frozen=True)

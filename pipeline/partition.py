@@ -146,6 +146,12 @@ MAX_FANOUT = 128
 _KEY_MASK = (1 << KEY_BITS) - 1
 
 
+def hashed_keys(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 48-bit partition key per string: the top bits of its Polars hash (seed 0)."""
+    hashes = pl.Series(strings).hash(seed=0).to_numpy()
+    return (hashes >> np.uint64(64 - KEY_BITS)).astype(np.int64)
+
+
 def bucket_of(keys: np.ndarray, n: int) -> np.ndarray:
     """The partition (of ``n``) of each 48-bit key."""
     return (keys.astype(np.int64) * n) >> KEY_BITS
@@ -190,7 +196,7 @@ def iter_split(
             if consume:
                 _unlink(part)
             yield table
-            del table
+            del table  # its mapping goes before the next partition's is made
             continue
         piece_dir = scratch / "split"
         piece_dir.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,14 @@ from pipeline.build_dir import BuildDir
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
 from pipeline.ids import ENTRIES, uniref_id
-from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, fanout, group_rows, iter_split
+from pipeline.partition import (
+    BucketWriter,
+    bucket_of,
+    fanout,
+    group_rows,
+    hashed_keys,
+    iter_split,
+)
 from pipeline.stats import size_stats
 
 NS = "{http://uniprot.org/uniref}"
@@ -178,8 +185,7 @@ def _flush(rows: dict[str, list], writer: pq.ParquetWriter, buckets: BucketWrite
 
 def _rep90_keys(table: pa.Table) -> np.ndarray:
     """A 48-bit partition key per row: the top bits of its UniRef90 id's hash."""
-    hashes = pl.from_arrow(table.column("rep90")).hash(seed=0).to_numpy()
-    return (hashes >> np.uint64(64 - KEY_BITS)).astype(np.int64)
+    return hashed_keys(table.column("rep90"))
 
 
 def _check_unique(path: str | Path, part: pl.DataFrame) -> None:
