@@ -169,9 +169,14 @@ class ParquetSink:
             self._flush(final=False)
 
     def _output(self) -> int:
-        """The output's descriptor (created, with its leading magic, on first use)."""
+        """The output's descriptor (created, with its leading magic, on first use).
+
+        Not opened with ``O_TRUNC``: :meth:`close` cuts the file to its footer's end anyway,
+        and on ext4 truncating a file (even an empty one, as the atomic temporary is) to zero
+        makes its close start writing all of it out: 0.1 s in the process for a 200 MB
+        output, seen in ``strace``; left to the kernel, it writes it out in the background."""
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             _pwrite_all(self._fd, MAGIC, 0)
         return self._fd
 

@@ -60,6 +60,19 @@ def test_the_bytes_are_one_writers_whatever_the_threads_and_cuts(tmp_path, threa
     assert pq.ParquetFile(out).metadata.num_row_groups == 4
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_a_longer_file_at_the_path_is_cut_to_the_new_one(tmp_path, depth):
+    """The sink opens its path without O_TRUNC (ext4 would write the file out at close):
+    whatever was there is overwritten and cut at the footer's end."""
+    table = _table(3000)
+    expected = _reference(table, tmp_path / "ref.parquet", 1000)
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"x" * (len(expected) + 12345))
+    with ThreadPoolExecutor(2) as pool, ParquetSink(out, 1000, pool, depth=depth) as sink:
+        sink.write(table)
+    assert out.read_bytes() == expected
+
+
 def test_without_copy_file_range_the_chunks_are_copied_through_memory(tmp_path, monkeypatch):
     """Where the kernel cannot copy between the files (no os.copy_file_range, or it fails), the
     row groups encoded into temporaries (two in flight) are read and written back: the same
