@@ -11,6 +11,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+# numpy's OpenBLAS starts a thread per CPU when it loads, and they spin (0.1-0.2 CPU-s seen on
+# 2 CPUs, taken from the parse workers); no esm2-data stage does linear algebra with numpy. A
+# value the user set wins; it must be set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 from pipeline.config import BuildConfig, load_config
 from pipeline.errors import PipelineError
 
