@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -10,13 +11,23 @@ from pathlib import Path
 
 
 def run_measured(cmd: list[str], stdout: int | None = None,
-                 env: dict[str, str] | None = None) -> tuple[float, float]:
+                 env: dict[str, str] | None = None,
+                 outputs: tuple[Path, ...] = ()) -> tuple[float, float]:
     """Wall seconds and peak memory (MiB) of a child process (``env``: added to this
     process's environment), started with no dirty pages of earlier runs; exits on failure.
+
+    ``outputs`` (files or directories) are removed first, so that every run writes new files
+    as the first did: on ext4 a file renamed over another, or an existing one truncated to
+    zero, is written out at once by the kernel, in the timed process (0.13 s seen for 200 MB).
 
     The peak is the larger of the kernel's maxrss (the largest single process) and the largest
     sum of RSS over the child and all its descendants, sampled every 20 ms (worker processes
     count together)."""
+    for path in outputs:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     os.sync()  # the writes of the runs before are not written back under this one
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=stdout,

@@ -49,11 +49,11 @@ writer.close()
 """
 
 
-def ingest_command(fasta: Path, out: str, threads: int, kind: str) -> list[str]:
+def ingest_command(fasta: Path, out: Path, threads: int, kind: str) -> list[str]:
     """``esm2-data ingest`` as a user runs it (the build's ingest defaults)."""
     script = Path(sys.executable).with_name("esm2-data")
     cli = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
-    return [*cli, "ingest", str(fasta), "--out", out, "--threads", str(threads),
+    return [*cli, "ingest", str(fasta), "--out", str(out), "--threads", str(threads),
             "--worker-kind", kind]
 
 
@@ -97,11 +97,10 @@ def main() -> None:
     print(f"input: {fasta.name}: {gz_mb:.0f} MB gzip, {raw_mb:.0f} MB FASTA, "
           f"{args.n_sequences} sequences; {cpus} CPUs; best of {args.runs} runs")
 
-    out = str(args.work / "ingest-out")
+    out, bio_out = args.work / "ingest-out", args.work / "bio.parquet"
     variants = {
         "gzip -dc (floor)": (["gzip", "-dc", str(fasta)], DEVNULL),
-        "biopython+pyarrow": ([sys.executable, "-c", BIOPYTHON, str(fasta),
-                               str(args.work / "bio.parquet")], None),
+        "biopython+pyarrow": ([sys.executable, "-c", BIOPYTHON, str(fasta), str(bio_out)], None),
         "ingest, 1 worker": (ingest_command(fasta, out, 1, "thread"), DEVNULL),
         f"ingest, {cpus} threads": (ingest_command(fasta, out, cpus, "thread"), DEVNULL),
         f"ingest, {cpus} processes": (ingest_command(fasta, out, cpus, "process"), DEVNULL),
@@ -111,7 +110,8 @@ def main() -> None:
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(args.runs):  # interleaved, so a slow spell of the machine hits every variant
         for name, (cmd, stdout) in variants.items():
-            runs[name].append(run_measured(cmd, stdout=stdout, env=env.get(name)))
+            runs[name].append(run_measured(cmd, stdout=stdout, env=env.get(name),
+                                           outputs=(out, bio_out)))
     print(f"\n{'variant':<24}{'wall s':>8}{'spread s':>14}{'MB/s (FASTA)':>14}"
           f"{'seq/s':>12}{'peak MiB':>10}")
     best = {}
@@ -135,8 +135,9 @@ def main() -> None:
         big = generated_fasta(args.work, args.rss_n_sequences)
         for label, size in (("100 MB", 100_000_000), ("1 GB", 1_000_000_000)):
             part = plain_prefix(big, args.work / f"prefix-{label.replace(' ', '')}.fasta", size)
+            rss_out = args.work / "rss-out"
             wall, rss = run_measured(
-                ingest_command(part, str(args.work / "rss-out"), cpus, "thread"), DEVNULL)
+                ingest_command(part, rss_out, cpus, "thread"), DEVNULL, outputs=(rss_out,))
             print(f"  {label:>6} ({part.stat().st_size / 1e6:.0f} MB): {wall:6.1f} s, "
                   f"peak {rss:.0f} MiB")
 
