@@ -10,14 +10,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 # numpy's OpenBLAS starts a thread per CPU when it loads, and they spin (0.1-0.2 CPU-s seen on
 # 2 CPUs, taken from the parse workers); no esm2-data stage does linear algebra with numpy. A
 # value the user set wins; it must be set before numpy is first imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from pipeline.config import BuildConfig, load_config
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.config import BuildConfig
 
 Handler = Callable[[argparse.Namespace], int]
 _HANDLERS: dict[str, Handler] = {}
@@ -32,6 +35,8 @@ def _command(name: str) -> Callable[[Handler], Handler]:
 
 
 def _config(args: argparse.Namespace) -> BuildConfig:
+    from pipeline.config import load_config  # its validators load only where a config is read
+
     cfg = load_config(args.config)
     threads = getattr(args, "threads", None)
     if threads:  # e.g. Snakemake's {threads}; outputs do not depend on it

@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline import ingest_defaults
 from pipeline.build_dir import BuildDir
 from pipeline.settings import Section, read_yaml, validate
 
@@ -69,9 +70,9 @@ class DownloadConfig(Section):
 
 class IngestConfig(Section):
     on_error: Literal["fail", "skip"] = "fail"  # skip-and-count bad records instead of failing
-    chunk_bytes: int = Field(8 << 20, ge=1 << 10)  # decompressed bytes parsed per chunk
-    row_group_rows: int = Field(100_000, gt=0)
-    bucket_bytes: int = Field(32 << 20, ge=1 << 10)  # FASTA bytes per on-disk dedup partition
+    chunk_bytes: int = Field(ingest_defaults.CHUNK_BYTES, ge=1 << 10)
+    row_group_rows: int = Field(ingest_defaults.ROW_GROUP_ROWS, gt=0)
+    bucket_bytes: int = Field(ingest_defaults.BUCKET_BYTES, ge=1 << 10)
 
 
 class ClusterStage(Section):

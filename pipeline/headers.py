@@ -8,14 +8,16 @@ not built), falling back to ``parse_headers`` for unusual headers.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 
 from pipeline import kernels
 from pipeline.ids import UNIREF50, UNIREF90, UNIREF100
+
+if TYPE_CHECKING:
+    import polars as pl
 
 # Header grammar ---------------------------------------------------------------------------------
 # UniProtKB: >sp|P69905|HBA_HUMAN Hemoglobin subunit alpha OS=Homo sapiens OX=9606 GN=HBA1 PE=1 SV=2
@@ -33,6 +35,8 @@ def parse_headers(headers: pl.Series) -> pl.DataFrame:
     and empty for plain headers. Unknown ``KEY=value`` fields are tolerated; a missing taxid is
     null.
     """
+    import polars as pl
+
     first = pl.col("header").str.extract(_FIRST, 1)
     rest = pl.col("header").str.replace(r"^\S*\s*", "").str.strip_chars()
     is_kb = first.str.contains(_UNIPROTKB)
@@ -164,6 +168,8 @@ def parse_header_bytes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> 
         return table
     rows = np.flatnonzero(slow)
     texts = [data[start[i] : end[i]].tobytes().decode("utf-8", "replace") for i in rows.tolist()]
+    import polars as pl
+
     slow_table = parse_headers(pl.Series("header", texts, dtype=pl.String)).to_arrow()
     order = np.concatenate([np.flatnonzero(~slow), rows])
     merged = pa.concat_tables([table.filter(pa.array(~slow)), slow_table.cast(table.schema)])

@@ -9,8 +9,10 @@ random streams).
 from __future__ import annotations
 
 import hashlib
+from typing import TYPE_CHECKING
 
-import polars as pl
+if TYPE_CHECKING:
+    import polars as pl
 
 UNIREF50 = "UniRef50_"
 UNIREF90 = "UniRef90_"
@@ -25,6 +27,8 @@ ENTRIES = "uniprot_entries"
 
 def entries_sum(columns: list[str]) -> pl.Expr:
     """The UniProtKB entries of a group of clusters.parquet rows (an aggregation)."""
+    import polars as pl
+
     return pl.col(ENTRIES).sum().cast(pl.Int64) if ENTRIES in columns else pl.len().cast(
         pl.Int64)
 

@@ -7,11 +7,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
+if TYPE_CHECKING:
+    import polars as pl
 
 # Partitions are scratch: uncompressed Arrow IPC streams write and read at memory speed, and
 # each write appends one record batch to its partition's file.
@@ -20,6 +23,8 @@ _IPC_OPTIONS = ipc.IpcWriteOptions(compression=None)
 
 def read_partition(path: Path | list[Path], columns: list[str] | None = None) -> pl.DataFrame:
     """A partition written by :class:`BucketWriter`: one file, or several (concatenated)."""
+    import polars as pl
+
     if isinstance(path, list):
         return pl.concat([read_partition(p, columns) for p in path], rechunk=False)
     return pl.read_ipc_stream(path, columns=columns)
@@ -68,6 +73,7 @@ class BucketWriter:
                 raise
 
     def write(self, df: pl.DataFrame, bucket: pl.Expr) -> None:
+        """Append ``df``'s rows, each to the partition ``bucket`` gives it."""
         if df.is_empty():
             return
         if self.n == 1:
@@ -148,6 +154,8 @@ _KEY_MASK = (1 << KEY_BITS) - 1
 
 def hashed_keys(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A 48-bit partition key per string: the top bits of its Polars hash (seed 0)."""
+    import polars as pl
+
     hashes = pl.Series(strings).hash(seed=0).to_numpy()
     return (hashes >> np.uint64(64 - KEY_BITS)).astype(np.int64)
 

@@ -11,17 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import polars as pl
-import polars_hash as plh
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import kernels
 from pipeline.errors import InputFormatError
 from pipeline.fasta import RawRecords, iter_raw_records
 from pipeline.headers import gather_strings, parse_header_bytes
+
+if TYPE_CHECKING:
+    import polars as pl
 
 RESIDUES = b"LAGVSERTIDPKQNFYMHWCXBUZO"  # 20 canonical + X B U Z O, as in the ESM alphabet
 
@@ -166,7 +167,7 @@ def byte_counts(data: np.ndarray) -> np.ndarray:
 def residue_counts(sequences: pl.Series | pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Counts of each byte value over strings (reads the Arrow data buffer)."""
     counts = np.zeros(256, np.int64)
-    arr = sequences.to_arrow() if isinstance(sequences, pl.Series) else sequences
+    arr = sequences if isinstance(sequences, pa.Array | pa.ChunkedArray) else sequences.to_arrow()
     for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
         chunk = chunk.cast(pa.large_binary())
         offsets = np.frombuffer(chunk.buffers()[1], np.int64)
@@ -180,6 +181,9 @@ def md5_hex(sequences: pa.Array) -> pa.Array:
     or by polars-hash; both without holding the GIL, so parse threads hash in parallel."""
     scan = kernels.SCAN
     if scan is None:
+        import polars as pl
+        import polars_hash as plh
+
         frame = pl.DataFrame({"s": pl.Series("s", sequences)})
         return frame.select(plh.col("s").nchash.md5()).to_series().to_arrow().cast(
             pa.large_string())
@@ -205,6 +209,8 @@ class ChunkRows:
 
 def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -> ChunkRows:
     """The accepted records of a chunk: header fields, length, sequence, md5, source, line."""
+    import pyarrow.compute as pc  # (ingest loads it on a thread as the parse starts)
+
     idx = clean.index
     parsed = parse_header_bytes(raw.data, raw.header_start[idx], raw.header_end[idx])
     empty = np.asarray(pc.binary_length(parsed.column("accession"))) == 0

@@ -237,3 +237,28 @@ def test_bad_parts_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(InputFormatError, match="not from input 1"):
         merge_parts([a, b], [tmp_path / "p0", tmp_path / "p0"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_ingest_command_starts_parsing_before_the_heavy_imports(tmp_path: Path) -> None:
+    """`esm2-data ingest FILE --out DIR` loads neither the config validators (pydantic) nor
+    Polars nor Arrow's compute functions before the parse starts (they load on a thread as it
+    runs); the run still gives the outputs."""
+    import os
+    import subprocess
+    import sys
+
+    fasta = write_fasta(tmp_path / "in.fasta",
+                        ">sp|P1|A_HUMAN a OX=9606\nMKV\n>tr|Q2|B_HUMAN b OX=9606\nMKVL\n")
+    late = "('pydantic', 'polars', 'pyarrow.compute', 'tqdm')"
+    probe = (
+        "import sys\n"
+        "import pipeline.cli, pipeline.ingest\n"
+        f"late = [m for m in {late} if m in sys.modules]\n"
+        "assert not late, late\n"
+        f"sys.exit(pipeline.cli.main(['ingest', {str(fasta)!r}, '--out', {str(tmp_path / 'o')!r}]))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          env={**os.environ, "ESM2_PROGRESS": "0"})
+    assert done.returncode == 0, done.stderr
+    assert "ingested 2 records (0 rejected) -> 2 unique sequences" in done.stdout
+    assert pl.read_parquet(tmp_path / "o" / "sequences.parquet").height == 2
