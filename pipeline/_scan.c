@@ -73,9 +73,10 @@ static PyObject *count_records(PyObject *self, PyObject *args) {
     const uint8_t *b = body.buf;
     Py_ssize_t n = body.len, count = 1;
     Py_BEGIN_ALLOW_THREADS
-    const uint8_t *p = b, *end = b + n;
-    while (p < end && (p = memchr(p, '\n', (size_t)(end - p))) != NULL) {
-        if (p + 1 < end && p[1] == '>') count++;
+    /* every '>' after a '\n': one memchr per record (a '\n' one stopped at every line) */
+    const uint8_t *p = n > 1 ? b + 1 : b + n, *end = b + n;
+    while (p < end && (p = memchr(p, '>', (size_t)(end - p))) != NULL) {
+        if (p[-1] == '\n') count++;
         p++;
     }
     Py_END_ALLOW_THREADS

@@ -119,6 +119,15 @@ def test_byte_counts_and_gather_match_numpy(kernels: str) -> None:
     assert gather_strings(text, start, end).to_pylist() == ["quick", "the", "dog", "", "brown"]
 
 
+def test_compiled_record_count_is_one_plus_each_newline_gt(scan: object) -> None:
+    """The count that sizes split's arrays: records start at 0 and after every "\\n>" ('>'
+    inside headers, at the very start or end, and "\\r\\n" included)."""
+    rng = random.Random(5)
+    for _ in range(5000):
+        body = bytes(rng.choice(b">\n\rA ") for _ in range(rng.randint(0, 40)))
+        assert scan.count_records(np.frombuffer(body, np.uint8)) == 1 + body.count(b"\n>")
+
+
 def test_compiled_header_parser_leaves_few_headers_to_the_regexes(scan: object) -> None:
     """The usual UniProtKB and UniRef headers take the fast path (the regexes are slow)."""
     from pipeline.headers import _fields_compiled
