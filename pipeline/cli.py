@@ -64,6 +64,13 @@ def _settle_imports() -> None:
     gc.freeze()
 
 
+def _settle_before_exit() -> None:
+    """A finished command's objects (and the modules loaded while it ran) only wait for the
+    process to end: frozen, the collection at exit does not walk them (the ingest benchmark's
+    last 0.067 s before exit became 0.015 s). Outputs are closed and renamed by then."""
+    gc.freeze()
+
+
 @_command("ingest")
 def _ingest(args: argparse.Namespace) -> int:
     from pipeline.ingest import ingest
@@ -93,6 +100,7 @@ def _ingest(args: argparse.Namespace) -> int:
         f"ingested {stats['records_kept']} records ({stats['records_rejected']} rejected) -> "
         f"{stats['unique_sequences']} unique sequences in {Path(out) / 'sequences.parquet'}"
     )
+    _settle_before_exit()
     return 0
 
 
