@@ -9,6 +9,7 @@
  *   gather(data, start, end, out)                         -> None
  *   byte_counts(data, counts)                             -> None
  *   md5_hex(data, offsets, out)                           -> None
+ *   string_hashes(data, offsets, out)                     -> None
  *
  * Inputs are read-only buffers, outputs writable buffers the caller allocated (int64 arrays,
  * uint8 for bytes); each call checks the sizes and releases the GIL while it scans.
@@ -591,6 +592,49 @@ done:
     return result;
 }
 
+/* A 64-bit hash of each string data[offsets[i]:offsets[i+1]]: FNV-1a, then SplitMix64's
+ * finalizer (every input bit reaches the top bits, which pick a partition). The numpy twin is
+ * pipeline.partition.string_hashes. */
+#define FNV_OFFSET 14695981039346656037ULL
+#define FNV_PRIME 1099511628211ULL
+
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 30;
+    x *= 0xbf58476d1ce4e5b9ULL;
+    x ^= x >> 27;
+    x *= 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+static PyObject *string_hashes(PyObject *self, PyObject *args) {
+    Py_buffer d, o, h;
+    if (!PyArg_ParseTuple(args, "y*y*w*", &d, &o, &h)) return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = o.len / 8 - 1;
+    const int64_t *off = o.buf;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "string_hashes: no offsets");
+        goto done;
+    }
+    if (!need(&h, n, 8, "hashes") || span_bytes(off, off + 1, n, d.len, "string_hashes") < 0)
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    const uint8_t *b = d.buf;
+    uint64_t *out = h.buf;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t x = FNV_OFFSET;
+        for (int64_t p = off[i]; p < off[i + 1]; p++) x = (x ^ b[p]) * FNV_PRIME;
+        out[i] = mix64(x);
+    }
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    PyBuffer_Release(&d);
+    PyBuffer_Release(&o);
+    PyBuffer_Release(&h);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"count_records", count_records, METH_VARARGS, "Records in a chunk (1 + its '\\n>')."},
     {"count_newlines", count_newlines, METH_VARARGS, "Newline bytes in a buffer."},
@@ -598,6 +642,7 @@ static PyMethodDef methods[] = {
     {"header_fields", header_fields, METH_VARARGS, "Header field spans (pipeline.headers)."},
     {"gather", gather, METH_VARARGS, "Concatenate byte spans into a buffer."},
     {"byte_counts", byte_counts, METH_VARARGS, "Add each byte value's count to counts."},
+    {"string_hashes", string_hashes, METH_VARARGS, "FNV-1a (mixed) of each string."},
     {"md5_hex", md5_hex, METH_VARARGS, "Hex md5 of each string data[offsets[i]:offsets[i+1]]."},
     {NULL, NULL, 0, NULL},
 };

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from pipeline.errors import InputFormatError, PipelineError
 from pipeline.fasta import iter_blocks, split_records
-from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, group_rows, hashed_keys
+from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, group_rows, string_keys
 from pipeline.records import Rejector, chunk_rows, clean
 
 ACC_COLUMNS = ["accession", "source", "line"]
@@ -55,7 +55,7 @@ def seq_keys(table: pa.Table) -> np.ndarray:
 
 def acc_keys(table: pa.Table) -> np.ndarray:
     """Partition key of each record by its accession (for the duplicate-accession check)."""
-    return hashed_keys(table.column("accession"))
+    return string_keys(table.column("accession"))
 
 
 @dataclass(frozen=True)

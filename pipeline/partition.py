@@ -13,6 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
+from pipeline.arrow_buffers import to_arrow
+
 if TYPE_CHECKING:
     import polars as pl
 
@@ -140,7 +142,7 @@ def group_rows(table: pa.Table, keys: np.ndarray, n: int) -> tuple[pa.Table, np.
     counts = np.bincount(keys, minlength=n)
     # a stable sort of small integers is a radix sort (an int64 one a timsort: 15x slower)
     order = np.argsort(keys.astype(np.min_scalar_type(max(n - 1, 0))), kind="stable")
-    return table.take(order), counts
+    return table.take(to_arrow(order)), counts
 
 
 # Partition keys are 48-bit fractions of the key space: partition i of n holds the keys in
@@ -150,6 +152,46 @@ def group_rows(table: pa.Table, keys: np.ndarray, n: int) -> tuple[pa.Table, np.
 KEY_BITS = 48
 MAX_FANOUT = 128
 _KEY_MASK = (1 << KEY_BITS) - 1
+
+
+_FNV_OFFSET, _FNV_PRIME = np.uint64(14695981039346656037), np.uint64(1099511628211)
+_MIX = (np.uint64(30), np.uint64(0xBF58476D1CE4E5B9), np.uint64(27), np.uint64(0x94D049BB133111EB),
+        np.uint64(31))
+
+
+def string_hashes(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 64-bit hash of each string (uint64): FNV-1a, then SplitMix64's finalizer; compiled
+    (``pipeline/_scan.c``) or in numpy, the same values either way (parts parsed apart, one
+    of them without the compiled kernels, must agree)."""
+    from pipeline import kernels
+
+    arr = strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
+    arr = arr.cast(pa.large_binary())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + n + 1]
+    data = np.frombuffer(arr.buffers()[2] or b"", np.uint8)
+    out = np.empty(n, np.uint64)
+    if kernels.SCAN is not None:
+        kernels.SCAN.string_hashes(data, np.ascontiguousarray(offsets), out)
+        return out
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    out[:] = _FNV_OFFSET
+    for j in range(int(lengths.max(initial=0))):  # byte j of every string that has one
+        live = np.flatnonzero(lengths > j)
+        out[live] = (out[live] ^ data[starts[live] + j]) * _FNV_PRIME
+    s1, m1, s2, m2, s3 = _MIX
+    out ^= out >> s1
+    out *= m1
+    out ^= out >> s2
+    out *= m2
+    out ^= out >> s3
+    return out
+
+
+def string_keys(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A 48-bit partition key per string: the top bits of :func:`string_hashes` (no Polars:
+    the parse workers key accessions before it has loaded)."""
+    return (string_hashes(strings) >> np.uint64(64 - KEY_BITS)).astype(np.int64)
 
 
 def hashed_keys(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
