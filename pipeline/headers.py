@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import kernels
+from pipeline.arrow_buffers import to_arrow
 from pipeline.ids import UNIREF50, UNIREF90, UNIREF100
 
 if TYPE_CHECKING:
@@ -172,8 +173,8 @@ def parse_header_bytes(data: np.ndarray, start: np.ndarray, end: np.ndarray) -> 
 
     slow_table = parse_headers(pl.Series("header", texts, dtype=pl.String)).to_arrow()
     order = np.concatenate([np.flatnonzero(~slow), rows])
-    merged = pa.concat_tables([table.filter(pa.array(~slow)), slow_table.cast(table.schema)])
-    return merged.take(np.argsort(order, kind="stable")).combine_chunks()
+    merged = pa.concat_tables([table.filter(to_arrow(~slow)), slow_table.cast(table.schema)])
+    return merged.take(to_arrow(np.argsort(order, kind="stable"))).combine_chunks()
 
 
 def _fields_compiled(scan: ModuleType, data: np.ndarray, start: np.ndarray,

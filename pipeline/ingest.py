@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from pipeline.arrow_buffers import to_arrow, to_numpy
 from pipeline.atomic import atomic_dir, atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
 from pipeline.errors import InputFormatError
@@ -207,9 +208,10 @@ def _check_inputs(sources: Sequence[Path]) -> None:
             raise InputFormatError(f"{p}: no such file")
 
 
-# What the parse does not need to start (Arrow's compute functions, ~0.03 s to import, and
-# Polars, ~0.08 s, first used on a parsed chunk): loaded on a thread of its own while the parse
-# runs (its compiled work holds no GIL), not before it.
+# What the parse does not need to start (Arrow's compute functions, ~0.03 s to import, first
+# used on a parsed chunk; Polars, ~0.08 s, first used by the duplicate check): loaded on a
+# thread of its own while the parse runs, not before it. Nothing in ingest loads pandas
+# (pipeline.arrow_buffers): its import held every parse worker for 0.2 s.
 _LOADED_DURING_PARSE = ("pyarrow.compute", "polars")
 
 
@@ -371,10 +373,10 @@ def _finish(
         for table in partitions:
             if not drops.is_empty():  # duplicate accessions skipped: uncount their residues
                 dropped = np.isin(_record_keys(table), _record_keys(drops))
-                sequences = table.column("sequence").filter(pa.array(dropped))
+                sequences = table.column("sequence").filter(to_arrow(dropped))
                 stats.residue_counts -= residue_counts(sequences)
-                table = table.filter(pa.array(~dropped))
-            stats.add_lengths(table.column("length").to_numpy())
+                table = table.filter(to_arrow(~dropped))
+            stats.add_lengths(to_numpy(table.column("length")))
             for uniques, records in _collapse(table):
                 unique_residues += int(pc.sum(uniques.column("length")).as_py() or 0)
                 uniques_sink.write(uniques)
@@ -392,7 +394,11 @@ def _finish(
 
 def _record_keys(rows: pa.Table | pl.DataFrame) -> np.ndarray:
     """One int64 per record: its (source, line)."""
-    source, line = (np.asarray(rows["source"], np.int64), np.asarray(rows["line"], np.int64))
+    def column(name: str) -> np.ndarray:
+        values = rows[name]
+        return to_numpy(values) if isinstance(values, pa.ChunkedArray) else values.to_numpy()
+
+    source, line = column("source").astype(np.int64), column("line").astype(np.int64)
     return (source << 40) | line
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import kernels
+from pipeline.arrow_buffers import to_arrow, to_numpy
 from pipeline.errors import InputFormatError
 from pipeline.fasta import RawRecords, iter_raw_records
 from pipeline.headers import gather_strings, parse_header_bytes
@@ -213,11 +214,11 @@ def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -
 
     idx = clean.index
     parsed = parse_header_bytes(raw.data, raw.header_start[idx], raw.header_end[idx])
-    empty = np.asarray(pc.binary_length(parsed.column("accession"))) == 0
+    empty = to_numpy(pc.binary_length(parsed.column("accession"))) == 0
     if empty.any():
         for i in idx[np.flatnonzero(empty)].tolist():
             rejector("empty_header", raw.header(i), int(raw.lines[i]), "header has no identifier")
-        parsed = parsed.filter(pa.array(~empty))
+        parsed = parsed.filter(to_arrow(~empty))
         idx = idx[~empty]
     start, end = clean.offsets[idx], clean.offsets[idx + 1]
     sequences = gather_strings(clean.residues, start, end)
@@ -227,9 +228,9 @@ def chunk_rows(raw: RawRecords, clean: Clean, source: int, rejector: Rejector) -
     else:
         counts = byte_counts(np.frombuffer(sequences.buffers()[2], np.uint8)[:n_residues])
     table = (parsed
-             .append_column("length", pa.array(end - start, pa.int64()))
+             .append_column("length", to_arrow((end - start).astype(np.int64)))
              .append_column("sequence", sequences)
              .append_column("seq_hash", md5_hex(sequences))
-             .append_column("source", pa.array(np.full(len(idx), source, np.int32)))
-             .append_column("line", pa.array(raw.lines[idx].astype(np.int64))))
+             .append_column("source", to_arrow(np.full(len(idx), source, np.int32)))
+             .append_column("line", to_arrow(raw.lines[idx].astype(np.int64))))
     return ChunkRows(table, counts)

@@ -1,0 +1,39 @@
+"""Numbers and booleans between numpy and Arrow through buffers: the values pyarrow's own
+conversions give, for slices and chunks too; nulls and 2-D input are errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.arrow_buffers import to_arrow, to_numpy
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint64, np.float64, np.bool_])
+def test_round_trip_gives_pyarrows_values(dtype):
+    rng = np.random.default_rng(1)
+    values = (rng.integers(0, 2, 1000) if dtype == np.bool_ else rng.integers(-5, 1 << 30, 1000)
+              ).astype(dtype)
+    arr = to_arrow(values)
+    assert arr.equals(pa.array(values))  # the type and values pa.array gives
+    assert arr.null_count == 0
+    back = to_numpy(arr)
+    assert back.dtype == values.dtype and (back == values).all()
+    for part in (arr.slice(3, 500), arr.slice(999), arr.slice(7, 0)):  # offsets into the buffer
+        assert (to_numpy(part) == values[part.offset : part.offset + len(part)]).all()
+    chunked = pa.chunked_array([arr.slice(0, 10), arr.slice(10, 5), arr.slice(15)])
+    assert (to_numpy(chunked) == values).all()
+
+
+def test_a_strided_array_is_copied_contiguous():
+    values = np.arange(20, dtype=np.int64)[::3]
+    assert to_arrow(values).to_pylist() == values.tolist()
+
+
+def test_nulls_and_2d_input_are_errors():
+    with pytest.raises(ValueError, match="1 nulls in a int64 column"):
+        to_numpy(pa.array([1, None, 3]))
+    with pytest.raises(ValueError, match="1-D array expected"):
+        to_arrow(np.zeros((2, 2)))
+    assert len(to_numpy(pa.array([], pa.int64()))) == 0
