@@ -29,6 +29,9 @@ def to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The values of an Arrow column of numbers or booleans without nulls, as numpy (a view of
     its buffer where it is one chunk of numbers)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    kind = arr.type
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+        raise TypeError(f"to_numpy: a column of numbers or booleans expected, got {kind}")
     if arr.null_count:
         raise ValueError(f"to_numpy: {arr.null_count} nulls in a {arr.type} column")
     n, start = len(arr), arr.offset

@@ -31,9 +31,11 @@ def test_a_strided_array_is_copied_contiguous():
     assert to_arrow(values).to_pylist() == values.tolist()
 
 
-def test_nulls_and_2d_input_are_errors():
+def test_nulls_other_types_and_2d_input_are_errors():
     with pytest.raises(ValueError, match="1 nulls in a int64 column"):
         to_numpy(pa.array([1, None, 3]))
     with pytest.raises(ValueError, match="1-D array expected"):
         to_arrow(np.zeros((2, 2)))
+    with pytest.raises(TypeError, match="numbers or booleans expected, got large_string"):
+        to_numpy(pa.array(["a"], pa.large_string()))
     assert len(to_numpy(pa.array([], pa.int64()))) == 0
