@@ -570,19 +570,25 @@ static void md5_hex_lanes(const uint8_t *data, const int64_t *off, Py_ssize_t n,
 }
 #endif
 
-static PyObject *md5_hex(PyObject *self, PyObject *args) {
+/* A kernel over the strings data[offsets[i]:offsets[i+1]], i < n, writing its results to out. */
+typedef void (*string_kernel)(const uint8_t *data, const int64_t *off, Py_ssize_t n, void *out);
+
+/* The Python call (data, offsets, out) of a string kernel whose results are `width` bytes per
+ * string: checks the offsets and the output's size, runs `kernel` without the GIL. */
+static PyObject *per_string(PyObject *args, const char *name, Py_ssize_t width,
+                            const char *out_name, string_kernel kernel) {
     Py_buffer d, o, h;
     if (!PyArg_ParseTuple(args, "y*y*w*", &d, &o, &h)) return NULL;
     PyObject *result = NULL;
     Py_ssize_t n = o.len / 8 - 1;
     const int64_t *off = o.buf;
     if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "md5_hex: no offsets");
+        PyErr_Format(PyExc_ValueError, "%s: no offsets", name);
         goto done;
     }
-    if (!need(&h, n, 32, "hex") || span_bytes(off, off + 1, n, d.len, "md5_hex") < 0) goto done;
+    if (!need(&h, n, width, out_name) || span_bytes(off, off + 1, n, d.len, name) < 0) goto done;
     Py_BEGIN_ALLOW_THREADS
-    md5_hex_lanes((const uint8_t *)d.buf, off, n, (uint8_t *)h.buf);
+    kernel((const uint8_t *)d.buf, off, n, h.buf);
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -590,6 +596,14 @@ done:
     PyBuffer_Release(&o);
     PyBuffer_Release(&h);
     return result;
+}
+
+static void md5_hex_kernel(const uint8_t *data, const int64_t *off, Py_ssize_t n, void *out) {
+    md5_hex_lanes(data, off, n, (uint8_t *)out);
+}
+
+static PyObject *md5_hex(PyObject *self, PyObject *args) {
+    return per_string(args, "md5_hex", 32, "hex", md5_hex_kernel);
 }
 
 /* A 64-bit hash of each string data[offsets[i]:offsets[i+1]]: FNV-1a, then SplitMix64's
@@ -606,33 +620,17 @@ static uint64_t mix64(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-static PyObject *string_hashes(PyObject *self, PyObject *args) {
-    Py_buffer d, o, h;
-    if (!PyArg_ParseTuple(args, "y*y*w*", &d, &o, &h)) return NULL;
-    PyObject *result = NULL;
-    Py_ssize_t n = o.len / 8 - 1;
-    const int64_t *off = o.buf;
-    if (n < 0) {
-        PyErr_SetString(PyExc_ValueError, "string_hashes: no offsets");
-        goto done;
-    }
-    if (!need(&h, n, 8, "hashes") || span_bytes(off, off + 1, n, d.len, "string_hashes") < 0)
-        goto done;
-    Py_BEGIN_ALLOW_THREADS
-    const uint8_t *b = d.buf;
-    uint64_t *out = h.buf;
+static void fnv_kernel(const uint8_t *data, const int64_t *off, Py_ssize_t n, void *out) {
+    uint64_t *hashes = out;
     for (Py_ssize_t i = 0; i < n; i++) {
         uint64_t x = FNV_OFFSET;
-        for (int64_t p = off[i]; p < off[i + 1]; p++) x = (x ^ b[p]) * FNV_PRIME;
-        out[i] = mix64(x);
+        for (int64_t p = off[i]; p < off[i + 1]; p++) x = (x ^ data[p]) * FNV_PRIME;
+        hashes[i] = mix64(x);
     }
-    Py_END_ALLOW_THREADS
-    result = Py_NewRef(Py_None);
-done:
-    PyBuffer_Release(&d);
-    PyBuffer_Release(&o);
-    PyBuffer_Release(&h);
-    return result;
+}
+
+static PyObject *string_hashes(PyObject *self, PyObject *args) {
+    return per_string(args, "string_hashes", 8, "hashes", fnv_kernel);
 }
 
 static PyMethodDef methods[] = {
