@@ -1,4 +1,5 @@
-"""Null-free numeric and boolean columns between numpy and Arrow through their buffers.
+"""Null-free numeric and boolean columns between numpy and Arrow through their buffers, and
+the bytes and offsets of string columns.
 
 pyarrow's own conversions (``pa.array(ndarray)``, ``Array.to_numpy()``, ``np.asarray(array)``,
 ``Table.take(ndarray)``) load pandas the first time they run, where it is installed (it is:
@@ -23,6 +24,18 @@ def to_arrow(values: np.ndarray) -> pa.Array:
         return pa.Array.from_buffers(pa.bool_(), len(values), [None, pa.py_buffer(bits)])
     return pa.Array.from_buffers(pa.from_numpy_dtype(values.dtype), len(values),
                                  [None, pa.py_buffer(values)])
+
+
+def string_buffers(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes (uint8) of a string or binary column and the ``len + 1`` int64 offsets of its
+    values into them: value ``i`` is ``data[offsets[i]:offsets[i + 1]]`` (one chunk, 64-bit
+    offsets; no copy where the column already is that)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    arr = arr.cast(pa.large_binary())
+    n = len(arr)
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + n + 1]
+    data = arr.buffers()[2]
+    return (np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)), offsets
 
 
 def to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:

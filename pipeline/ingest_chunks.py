@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from pipeline.arrow_buffers import string_buffers
 from pipeline.errors import InputFormatError, PipelineError
 from pipeline.fasta import iter_blocks, split_records
 from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, group_rows, string_keys
@@ -40,12 +41,11 @@ def seq_keys(table: pa.Table) -> np.ndarray:
     """Partition key of each record, by its sequence's md5 (identical sequences meet in one
     partition; partitions follow hash order): the digest's first 48 bits, from its first 12
     hex digits (``bytes.fromhex`` of them all at once, read as big-endian integers)."""
-    hashes = table.column("seq_hash").combine_chunks().cast(pa.large_string())
-    n = len(hashes)
-    offsets = np.frombuffer(hashes.buffers()[1], np.int64)[hashes.offset : hashes.offset + n + 1]
+    data, offsets = string_buffers(table.column("seq_hash"))
+    n = len(offsets) - 1
     if n and not (np.diff(offsets) == 32).all():
         raise ValueError("seq_keys: expected 32 hex digits per md5")
-    digits = np.frombuffer(hashes.buffers()[2] or b"", np.uint8)[offsets[0] : offsets[-1]]
+    digits = data[offsets[0] : offsets[-1]]
     key_bytes = np.zeros((n, 8), np.uint8)
     key_bytes[:, 8 - _KEY_DIGITS // 2 :] = np.frombuffer(
         bytes.fromhex(digits.reshape(n, 32)[:, :_KEY_DIGITS].tobytes().decode("ascii")),

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from pipeline.arrow_buffers import to_arrow
+from pipeline.arrow_buffers import string_buffers, to_arrow
 
 if TYPE_CHECKING:
     import polars as pl
@@ -165,12 +165,8 @@ def string_hashes(strings: pa.Array | pa.ChunkedArray) -> np.ndarray:
     of them without the compiled kernels, must agree)."""
     from pipeline import kernels
 
-    arr = strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
-    arr = arr.cast(pa.large_binary())
-    n = len(arr)
-    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + n + 1]
-    data = np.frombuffer(arr.buffers()[2] or b"", np.uint8)
-    out = np.empty(n, np.uint64)
+    data, offsets = string_buffers(strings)
+    out = np.empty(len(offsets) - 1, np.uint64)
     if kernels.SCAN is not None:
         kernels.SCAN.string_hashes(data, np.ascontiguousarray(offsets), out)
         return out

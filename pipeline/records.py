@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import kernels
-from pipeline.arrow_buffers import to_arrow, to_numpy
+from pipeline.arrow_buffers import string_buffers, to_arrow, to_numpy
 from pipeline.errors import InputFormatError
 from pipeline.fasta import RawRecords, iter_raw_records
 from pipeline.headers import gather_strings, parse_header_bytes
@@ -170,10 +170,8 @@ def residue_counts(sequences: pl.Series | pa.Array | pa.ChunkedArray) -> np.ndar
     counts = np.zeros(256, np.int64)
     arr = sequences if isinstance(sequences, pa.Array | pa.ChunkedArray) else sequences.to_arrow()
     for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
-        chunk = chunk.cast(pa.large_binary())
-        offsets = np.frombuffer(chunk.buffers()[1], np.int64)
-        lo, hi = offsets[chunk.offset], offsets[chunk.offset + len(chunk)]
-        counts += byte_counts(np.frombuffer(chunk.buffers()[2], np.uint8)[lo:hi])
+        data, offsets = string_buffers(chunk)
+        counts += byte_counts(data[offsets[0] : offsets[-1]])
     return counts
 
 
@@ -188,13 +186,10 @@ def md5_hex(sequences: pa.Array) -> pa.Array:
         frame = pl.DataFrame({"s": pl.Series("s", sequences)})
         return frame.select(plh.col("s").nchash.md5()).to_series().to_arrow().cast(
             pa.large_string())
-    strings = sequences.cast(pa.large_string())
-    n = len(strings)
-    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset : strings.offset + n + 1]
-    data = strings.buffers()[2]
+    data, offsets = string_buffers(sequences)
+    n = len(offsets) - 1
     hexed = np.empty(32 * n, np.uint8)
-    scan.md5_hex(np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8),
-                 np.ascontiguousarray(offsets), hexed)
+    scan.md5_hex(data, np.ascontiguousarray(offsets), hexed)
     return pa.LargeStringArray.from_buffers(
         n, pa.py_buffer(np.arange(0, 32 * n + 1, 32, dtype=np.int64)), pa.py_buffer(hexed))
 
