@@ -215,7 +215,7 @@ def _check_inputs(sources: Sequence[Path]) -> None:
 _LOADED_DURING_PARSE = ("pyarrow.compute", "polars")
 
 
-def _import_during_parse() -> threading.Thread:
+def _import_during_parse() -> None:
     """Start importing ``_LOADED_DURING_PARSE`` on a thread (not a daemon: the process waits
     for it rather than stopping an import half-way); a module's first user waits for it."""
     def load() -> None:
@@ -223,9 +223,7 @@ def _import_during_parse() -> threading.Thread:
             with contextlib.suppress(ImportError):  # raised again where it is used
                 importlib.import_module(name)
 
-    thread = threading.Thread(target=load, name="ingest-imports")
-    thread.start()
-    return thread
+    threading.Thread(target=load, name="ingest-imports").start()
 
 
 def ingest(
