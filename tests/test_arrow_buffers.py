@@ -3,6 +3,8 @@ conversions give, for slices and chunks too; nulls and 2-D input are errors."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -39,3 +41,16 @@ def test_nulls_other_types_and_2d_input_are_errors():
     with pytest.raises(TypeError, match="numbers or booleans expected, got large_string"):
         to_numpy(pa.array(["a"], pa.large_string()))
     assert len(to_numpy(pa.array([], pa.int64()))) == 0
+
+
+def test_string_buffers_give_each_values_bytes():
+    from pipeline.arrow_buffers import string_buffers
+
+    values = ["", "ab", "é", "xyz", ""]
+    for column in (pa.array(values, pa.string()), pa.array(values, pa.large_binary()).slice(1, 3),
+                   pa.chunked_array([pa.array(values[:2]), pa.array(values[2:])]),
+                   pa.array([], pa.large_string())):
+        data, offsets = string_buffers(column)
+        assert offsets.dtype == np.int64 and len(offsets) == len(column) + 1
+        want = [v.encode() if isinstance(v, str) else v for v in column.to_pylist()]
+        assert [data[a:b].tobytes() for a, b in itertools.pairwise(offsets)] == want
