@@ -38,6 +38,17 @@ def string_buffers(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.n
     return (np.frombuffer(data, np.uint8) if data is not None else np.empty(0, np.uint8)), offsets
 
 
+def equals(column: pa.Array | pa.ChunkedArray, value: bytes) -> np.ndarray:
+    """Which strings of a string or binary column are ``value`` (bool; a comparison with a
+    Python string in ``pyarrow.compute`` makes an Arrow scalar of it, and that loads pandas)."""
+    data, offsets = string_buffers(column)
+    same = np.diff(offsets) == len(value)
+    for i, byte in enumerate(value):  # byte i of the strings still equal so far
+        at = np.flatnonzero(same)
+        same[at] = data[offsets[at] + i] == byte
+    return same
+
+
 def to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The values of an Arrow column of numbers or booleans without nulls, as numpy (a view of
     its buffer where it is one chunk of numbers)."""

@@ -21,7 +21,7 @@ import json
 import math
 import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +33,10 @@ import pyarrow as pa
 from pipeline.arrow_buffers import to_arrow, to_numpy
 from pipeline.atomic import atomic_dir, atomic_path, scratch_dir, write_text_atomic
 from pipeline.build_dir import BuildDir
+from pipeline.collapse import collapse, duplicate_accessions, record_keys
 from pipeline.errors import InputFormatError
 from pipeline.fasta import GZIP_MAGIC
 from pipeline.ingest_chunks import (
-    ACC_COLUMNS,
     ChunkParser,
     ParsedChunk,
     acc_keys,
@@ -52,16 +52,10 @@ from pipeline.progress import format_sizeof, progress_bar
 from pipeline.records import RESIDUES, residue_counts
 
 if TYPE_CHECKING:
-    import polars as pl
-
     from pipeline.config import BuildConfig
 
 # length histogram edges; 1022 is ESM-2's crop (training.model.config.MAX_RESIDUES)
 LENGTH_EDGES = [0, 50, 100, 200, 300, 400, 500, 750, 1022, 1500, 2000, 5000, 10000, 35000]
-SEQUENCE_COLUMNS = [
-    "accession", "db", "description", "taxid", "length", "sequence", "seq_hash", "n_records",
-]
-RECORD_COLUMNS = ["accession", "db", "taxid", "seq_hash", "rep_accession"]
 _GZIP_EXPANSION = 3.0  # uncompressed/compressed size of protein FASTA, for partition planning
 _PIECE_BYTES = 8 << 20  # a collapsed partition goes to the writer in pieces of about this size
 
@@ -113,77 +107,6 @@ def plan_buckets(paths: Sequence[Path], bucket_bytes: int) -> int:
 Partition = Path | list[Path] | pa.Table | None
 
 
-def _duplicate_accessions(
-    partitions: Iterable[pa.Table], sources: list[Path], on_error: str,
-    stats: IngestStats,
-) -> pl.DataFrame:
-    """Check accession uniqueness partition by partition; returns (source, line) of records to
-    drop."""
-    import polars as pl
-
-    drops = []
-    for table in partitions:
-        df = pl.from_arrow(table.select(ACC_COLUMNS))
-        if df.get_column("accession").n_unique() == df.height:
-            continue  # the common case, found by hashing (a quarter of the sort's time)
-        df = df.sort(["accession", "source", "line"])
-        dups = df.filter(pl.col("accession").is_first_distinct().not_())
-        if dups.is_empty():
-            continue
-        first = df.filter(pl.col("accession").is_in(dups.get_column("accession").implode()))
-        first = first.group_by("accession").agg(
-            pl.col("source").first().alias("first_source"),
-            pl.col("line").first().alias("first_line"),
-        )
-        dups = dups.join(first, on="accession", how="left").sort(["source", "line"])
-        for row in dups.iter_rows(named=True):
-            message = (
-                f"{sources[row['source']]}: record {row['accession']} (line {row['line']}): "
-                f"duplicate accession (first seen in {sources[row['first_source']].name} "
-                f"at line {row['first_line']})"
-            )
-            if on_error == "fail":
-                raise InputFormatError(message)
-            stats.reject("duplicate_accession", message)
-        drops.append(dups.select("source", "line"))
-    if not drops:
-        return pl.DataFrame(schema={"source": pl.Int32, "line": pl.Int64})
-    return pl.concat(drops)
-
-
-def _collapse(table: pa.Table) -> Iterator[tuple[pa.Table, pa.Table]]:
-    """Sort a partition and collapse identical sequences; Swiss-Prot, then lowest accession wins.
-
-    Yields (uniques, records) in ``SEQUENCE_COLUMNS`` and ``RECORD_COLUMNS``, in pieces of about
-    ``_PIECE_BYTES`` (what waits for the writer stays small whatever the partition's size).
-    Polars sorts and gathers: string columns move as views, and each output column is built
-    once, as a piece is converted back to Arrow."""
-    import polars as pl
-
-    rows = pl.from_arrow(table).sort(["seq_hash", pl.col("db") != "sp", "accession"])
-    first = rows.get_column("seq_hash").is_first_distinct()  # each run's representative
-    run = pl.when(first).then(pl.col("accession")).forward_fill()
-    records = rows.select(*RECORD_COLUMNS[:-1], run.alias("rep_accession"))
-    starts = np.flatnonzero(first.to_numpy())
-    n_records = np.diff(np.append(starts, rows.height))
-    uniques = rows.select(SEQUENCE_COLUMNS[:-1]).filter(first).with_columns(
-        pl.Series("n_records", n_records, pl.Int64))
-    pieces = max(1, math.ceil(table.nbytes / _PIECE_BYTES))
-    step_u, step_r = (math.ceil(frame.height / pieces) for frame in (uniques, records))
-    for i in range(pieces):
-        yield (_arrow(uniques.slice(i * step_u, step_u), table.schema),
-               _arrow(records.slice(i * step_r, step_r), table.schema))
-
-
-def _arrow(frame: pl.DataFrame, schema: pa.Schema) -> pa.Table:
-    """``frame`` as one-chunk Arrow columns of the partition's types (``rep_accession``: the
-    accession's; ``n_records``: int64)."""
-    types = {name: schema.field(name).type for name in schema.names}
-    types["rep_accession"] = types["accession"]
-    fields = [pa.field(name, types.get(name, pa.int64())) for name in frame.columns]
-    return frame.to_arrow().cast(pa.schema(fields)).combine_chunks()
-
-
 def _read_input(
     parser: ChunkParser, path: Path, source: int, on_error: str, stats: IngestStats,
 ) -> Iterator[ParsedChunk]:
@@ -202,6 +125,11 @@ def _read_input(
     stats.inputs.append(counts)
 
 
+def _rejects(on_error: str, stats: IngestStats) -> Callable[[str, str], None] | None:
+    """Where a rejected record goes: nowhere (``fail``: it is raised) or into ``stats``."""
+    return None if on_error == "fail" else stats.reject
+
+
 def _check_inputs(sources: Sequence[Path]) -> None:
     for p in sources:
         if not p.is_file():
@@ -209,10 +137,10 @@ def _check_inputs(sources: Sequence[Path]) -> None:
 
 
 # What the parse does not need to start (Arrow's compute functions, ~0.03 s to import, first
-# used on a parsed chunk; Polars, ~0.08 s, first used by the duplicate check): loaded on a
-# thread of its own while the parse runs, not before it. Nothing in ingest loads pandas
-# (pipeline.arrow_buffers): its import held every parse worker for 0.2 s.
-_LOADED_DURING_PARSE = ("pyarrow.compute", "polars")
+# used on a parsed chunk): loaded on a thread of its own while the parse runs, not before it.
+# Nothing in ingest loads pandas (pipeline.arrow_buffers): its import held every parse worker
+# for 0.2 s; nor Polars (pipeline.collapse): its import took 0.2 CPU-s from the parse.
+_LOADED_DURING_PARSE = ("pyarrow.compute",)
 
 
 def _import_during_parse() -> None:
@@ -264,9 +192,9 @@ def ingest(
         else:
             seq_parts = partition_files(tmp, "seq", fanout(planned))
             acc_parts = partition_files(tmp, "acc", fanout(planned))
-        drops = _duplicate_accessions(
+        drops = duplicate_accessions(
             iter_split(acc_parts, planned, acc_keys, tmp / "acc", consume=True), sources,
-            on_error, stats)
+            _rejects(on_error, stats))
         return _finish(out, iter_split(seq_parts, planned, seq_keys, tmp / "seq", consume=True),
                        drops, stats, row_group_rows)
 
@@ -343,14 +271,15 @@ def merge_parts(
 
     out = BuildDir(out_dir)
     with scratch_dir(out, "ingest-merge") as tmp:
-        drops = _duplicate_accessions(iter_split(partitions("acc"), planned, acc_keys, tmp / "acc"),
-                                      sources, on_error, stats)
+        drops = duplicate_accessions(
+            iter_split(partitions("acc"), planned, acc_keys, tmp / "acc"), sources,
+            _rejects(on_error, stats))
         return _finish(out, iter_split(partitions("seq"), planned, seq_keys, tmp / "seq"), drops,
                        stats, row_group_rows)
 
 
 def _finish(
-    out: BuildDir, partitions: Iterable[pa.Table], drops: pl.DataFrame,
+    out: BuildDir, partitions: Iterable[pa.Table], drops: np.ndarray,
     stats: IngestStats, row_group_rows: int,
 ) -> dict:
     """Collapse each partition in hash order and stream the two outputs; write the stats."""
@@ -369,13 +298,13 @@ def _finish(
           ParquetSink(tmp_seq, row_group_rows, pool, depth) as uniques_sink,
           ParquetSink(tmp_rec, row_group_rows, pool, depth) as records_sink):
         for table in partitions:
-            if not drops.is_empty():  # duplicate accessions skipped: uncount their residues
-                dropped = np.isin(_record_keys(table), _record_keys(drops))
+            if len(drops):  # duplicate accessions skipped: uncount their residues
+                dropped = np.isin(record_keys(table), drops)
                 sequences = table.column("sequence").filter(to_arrow(dropped))
                 stats.residue_counts -= residue_counts(sequences)
                 table = table.filter(to_arrow(~dropped))
             stats.add_lengths(to_numpy(table.column("length")))
-            for uniques, records in _collapse(table):
+            for uniques, records in collapse(table, _PIECE_BYTES):
                 unique_residues += int(pc.sum(uniques.column("length")).as_py() or 0)
                 uniques_sink.write(uniques)
                 records_sink.write(records)
@@ -388,16 +317,6 @@ def _finish(
         report = _report(stats, uniques_sink.rows, unique_residues)
         write_text_atomic(out.stats("ingest"), json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _record_keys(rows: pa.Table | pl.DataFrame) -> np.ndarray:
-    """One int64 per record: its (source, line)."""
-    def column(name: str) -> np.ndarray:
-        values = rows[name]
-        return to_numpy(values) if isinstance(values, pa.ChunkedArray) else values.to_numpy()
-
-    source, line = column("source").astype(np.int64), column("line").astype(np.int64)
-    return (source << 40) | line
 
 
 def _report(stats: IngestStats, unique: int, unique_residues: int) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from pipeline.arrow_buffers import string_buffers
+from pipeline.collapse import hex_value
 from pipeline.errors import InputFormatError, PipelineError
 from pipeline.fasta import iter_blocks, split_records
 from pipeline.partition import KEY_BITS, BucketWriter, bucket_of, group_rows, string_keys
@@ -34,23 +34,12 @@ _SMALL_INPUT_CHUNKS = 2  # inputs of at most this many chunks are parsed in this
 # "auto" workers are threads up to this many: on 2 cores threads beat processes (no start-up, no
 # copies between processes); beyond, the GIL-bound parts (per-record md5 calls) would cap them
 MAX_AUTO_THREADS = 4
-_KEY_DIGITS = KEY_BITS // 4  # hex digits of an md5 that make its partition key
 
 
 def seq_keys(table: pa.Table) -> np.ndarray:
     """Partition key of each record, by its sequence's md5 (identical sequences meet in one
-    partition; partitions follow hash order): the digest's first 48 bits, from its first 12
-    hex digits (``bytes.fromhex`` of them all at once, read as big-endian integers)."""
-    data, offsets = string_buffers(table.column("seq_hash"))
-    n = len(offsets) - 1
-    if n and not (np.diff(offsets) == 32).all():
-        raise ValueError("seq_keys: expected 32 hex digits per md5")
-    digits = data[offsets[0] : offsets[-1]]
-    key_bytes = np.zeros((n, 8), np.uint8)
-    key_bytes[:, 8 - _KEY_DIGITS // 2 :] = np.frombuffer(
-        bytes.fromhex(digits.reshape(n, 32)[:, :_KEY_DIGITS].tobytes().decode("ascii")),
-        np.uint8).reshape(n, _KEY_DIGITS // 2)
-    return key_bytes.view(">u8").ravel().astype(np.int64)
+    partition; partitions follow hash order): the digest's first 48 bits."""
+    return hex_value(table.column("seq_hash"), 0, KEY_BITS // 4).astype(np.int64)
 
 
 def acc_keys(table: pa.Table) -> np.ndarray:

@@ -54,3 +54,15 @@ def test_string_buffers_give_each_values_bytes():
         assert offsets.dtype == np.int64 and len(offsets) == len(column) + 1
         want = [v.encode() if isinstance(v, str) else v for v in column.to_pylist()]
         assert [data[a:b].tobytes() for a, b in itertools.pairwise(offsets)] == want
+
+
+def test_equals_compares_each_string_with_a_value():
+    from pipeline.arrow_buffers import equals
+
+    values = ["sp", "tr", "s", "spx", "", "sp", "ps"]
+    for column in (pa.array(values, pa.large_string()), pa.array(values, pa.string()),
+                   pa.chunked_array([pa.array(values[:3]), pa.array(values[3:])])):
+        assert equals(column, b"sp").tolist() == [v == "sp" for v in values]
+        assert equals(column, b"").tolist() == [v == "" for v in values]
+    assert equals(pa.array(values).slice(2, 4), b"sp").tolist() == [False, False, False, True]
+    assert equals(pa.array([], pa.large_string()), b"sp").tolist() == []

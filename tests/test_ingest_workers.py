@@ -224,14 +224,14 @@ def test_a_partition_collapsed_in_pieces_writes_the_same_bytes(
     assert whole["unique_sequences"] == 2000 and whole["records_kept"] == 4000
     monkeypatch.setattr(ingest_module, "_PIECE_BYTES", 10_000)
     pieces: list[int] = []
-    real_collapse = ingest_module._collapse
+    real_collapse = ingest_module.collapse
 
-    def counting(table):
-        for uniques, records in real_collapse(table):
+    def counting(table, piece_bytes):
+        for uniques, records in real_collapse(table, piece_bytes):
             pieces.append(records.num_rows)
             yield uniques, records
 
-    monkeypatch.setattr(ingest_module, "_collapse", counting)
+    monkeypatch.setattr(ingest_module, "collapse", counting)
     assert ingest([fasta], tmp_path / "pieces", **kwargs) == whole
     assert len(pieces) > 100 and sum(pieces) == 4000
     assert outputs(tmp_path / "pieces") == outputs(tmp_path / "whole")
