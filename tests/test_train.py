@@ -16,6 +16,7 @@ import yaml
 
 from tests.helpers import REPO, run_notebook
 from training.config import load_train_config
+from training.trainer.train import SHM_DIR
 
 CONFIG = {
     "model": {"preset": "tiny"},
@@ -348,11 +349,14 @@ def test_one_process_without_a_launcher_and_the_deepspeed_launcher(straight, tmp
                            timeout=600)
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "step 2: loss" in plain.stdout
+    port = 29700 + os.getpid() % 200
     launcher = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus",
-                               "2", "--master_port", str(29700 + os.getpid() % 200), "--module",
+                               "2", "--master_port", str(port), "--module",
                                "training.cli", *base, "--out", str(tmp_path / "ds")],
                               capture_output=True, text=True, env=ENV, timeout=600)
     assert launcher.returncode == 0, launcher.stdout[-3000:] + launcher.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce buffers (69 MB a rank in /dev/shm) are not left behind
+    assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     assert json.loads((tmp_path / "ds" / "checkpoints" / "step00000002" / "meta.json")
                       .read_text())["world_size"] == 2
     bad = tmp_path / "bad.yaml"
