@@ -12,13 +12,19 @@ from pathlib import Path
 
 def run_measured(cmd: list[str], stdout: int | None = None,
                  env: dict[str, str] | None = None,
-                 outputs: tuple[Path, ...] = ()) -> tuple[float, float]:
+                 outputs: tuple[Path, ...] = (),
+                 warm: tuple[Path, ...] = ()) -> tuple[float, float]:
     """Wall seconds and peak memory (MiB) of a child process (``env``: added to this
     process's environment), started with no dirty pages of earlier runs; exits on failure.
 
     ``outputs`` (files or directories) are removed first, so that every run writes new files
     as the first did: on ext4 a file renamed over another, or an existing one truncated to
     zero, is written out at once by the kernel, in the timed process (0.13 s seen for 200 MB).
+
+    ``warm`` files (the inputs) are read just before the clock starts, so that every run reads
+    them from a warm page cache: on this VM a cached file left alone for 2 s or more reads
+    slower again (124 MB: 0.04 s right after a read, 0.31-0.39 s after 2-8 s idle), and how
+    long a variant's input had been idle depended on the variant run before it.
 
     The peak is the larger of the kernel's maxrss (the largest single process) and the largest
     sum of RSS over the child and all its descendants, sampled every 20 ms (worker processes
@@ -29,6 +35,8 @@ def run_measured(cmd: list[str], stdout: int | None = None,
         else:
             path.unlink(missing_ok=True)
     os.sync()  # the writes of the runs before are not written back under this one
+    for path in warm:
+        _read_through(path)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=stdout,
                             env={**os.environ, "ESM2_PROGRESS": "0", **(env or {})})
@@ -43,6 +51,13 @@ def run_measured(cmd: list[str], stdout: int | None = None,
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}")
     return wall, max(usage.ru_maxrss * 1024, tree_peak[0]) / 2**20
+
+
+def _read_through(path: Path) -> None:
+    """Read ``path`` to its end (into the page cache), in 8 MiB blocks."""
+    with open(path, "rb", buffering=0) as fh:
+        while fh.read(8 << 20):
+            pass
 
 
 def _sample_tree_rss(pid: int, done: threading.Event, peak: list[int]) -> None:

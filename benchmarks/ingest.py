@@ -4,7 +4,8 @@ Usage: python benchmarks/ingest.py [--n-sequences 1000000] [--runs 3] [--work be
 
 1. Generates (once, cached) a synthetic-family FASTA.gz (1M sequences: 124 MB gz, 466 MB FASTA).
 2. Times, each in its own subprocess, ``--runs`` times in turn (peak memory: the largest summed
-   RSS of the process and its workers, or the kernel's maxrss if larger):
+   RSS of the process and its workers, or the kernel's maxrss if larger; the input read
+   into the page cache just before each run):
    - floor:     gzip -dc FILE > /dev/null
    - biopython: Bio.SeqIO.parse -> pyarrow ParquetWriter (id, description, sequence)
    - ingest:    `esm2-data ingest FILE --out DIR` (validation, header parsing, md5, dedup,
@@ -111,7 +112,7 @@ def main() -> None:
     for _ in range(args.runs):  # interleaved, so a slow spell of the machine hits every variant
         for name, (cmd, stdout) in variants.items():
             runs[name].append(run_measured(cmd, stdout=stdout, env=env.get(name),
-                                           outputs=(out, bio_out)))
+                                           outputs=(out, bio_out), warm=(fasta,)))
     print(f"\n{'variant':<24}{'wall s':>8}{'spread s':>14}{'MB/s (FASTA)':>14}"
           f"{'seq/s':>12}{'peak MiB':>10}")
     best = {}
@@ -137,7 +138,8 @@ def main() -> None:
             part = plain_prefix(big, args.work / f"prefix-{label.replace(' ', '')}.fasta", size)
             rss_out = args.work / "rss-out"
             wall, rss = run_measured(
-                ingest_command(part, rss_out, cpus, "thread"), DEVNULL, outputs=(rss_out,))
+                ingest_command(part, rss_out, cpus, "thread"), DEVNULL, outputs=(rss_out,),
+                warm=(part,))
             print(f"  {label:>6} ({part.stat().st_size / 1e6:.0f} MB): {wall:6.1f} s, "
                   f"peak {rss:.0f} MiB")
 
