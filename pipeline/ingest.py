@@ -22,7 +22,7 @@ import math
 import threading
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -192,11 +192,10 @@ def ingest(
         else:
             seq_parts = partition_files(tmp, "seq", fanout(planned))
             acc_parts = partition_files(tmp, "acc", fanout(planned))
-        drops = duplicate_accessions(
-            iter_split(acc_parts, planned, acc_keys, tmp / "acc", consume=True), sources,
-            _rejects(on_error, stats))
-        return _finish(out, iter_split(seq_parts, planned, seq_keys, tmp / "seq", consume=True),
-                       drops, stats, row_group_rows)
+        return _check_and_finish(
+            out, iter_split(acc_parts, planned, acc_keys, tmp / "acc", consume=True),
+            iter_split(seq_parts, planned, seq_keys, tmp / "seq", consume=True), sources,
+            on_error, stats, row_group_rows)
 
 
 PART_INFO = "part.json"
@@ -271,18 +270,40 @@ def merge_parts(
 
     out = BuildDir(out_dir)
     with scratch_dir(out, "ingest-merge") as tmp:
-        drops = duplicate_accessions(
-            iter_split(partitions("acc"), planned, acc_keys, tmp / "acc"), sources,
-            _rejects(on_error, stats))
-        return _finish(out, iter_split(partitions("seq"), planned, seq_keys, tmp / "seq"), drops,
-                       stats, row_group_rows)
+        return _check_and_finish(
+            out, iter_split(partitions("acc"), planned, acc_keys, tmp / "acc"),
+            iter_split(partitions("seq"), planned, seq_keys, tmp / "seq"), sources, on_error,
+            stats, row_group_rows)
+
+
+def _check_and_finish(
+    out: BuildDir, accessions: Iterable[pa.Table], partitions: Iterable[pa.Table],
+    sources: list[Path], on_error: str, stats: IngestStats, row_group_rows: int,
+) -> dict:
+    """The duplicate-accession check over the ``accessions`` partitions, then :func:`_finish`
+    of the sequence ``partitions``. Where a duplicate fails the run (``on_error`` "fail": no
+    record is ever dropped) the check runs on a thread of its own beside the collapse, and the
+    outputs are kept only once it has passed; its error, if any, is the one raised."""
+    if on_error != "fail":
+        drops = duplicate_accessions(accessions, sources, _rejects(on_error, stats))
+        return _finish(out, partitions, drops, stats, row_group_rows)
+    with ThreadPoolExecutor(1, thread_name_prefix="ingest-accessions") as pool:
+        check = pool.submit(duplicate_accessions, accessions, sources, None)
+        try:
+            return _finish(out, partitions, np.zeros(0, np.int64), stats, row_group_rows,
+                           check)
+        except BaseException:
+            check.result()  # a duplicate accession, found first in a one-thread run
+            raise
 
 
 def _finish(
     out: BuildDir, partitions: Iterable[pa.Table], drops: np.ndarray,
-    stats: IngestStats, row_group_rows: int,
+    stats: IngestStats, row_group_rows: int, check: Future[np.ndarray] | None = None,
 ) -> dict:
-    """Collapse each partition in hash order and stream the two outputs; write the stats."""
+    """Collapse each partition in hash order and stream the two outputs; write the stats.
+    The outputs are kept only if ``check`` (a check running beside this) passes: its error
+    stops the collapse as soon as it is seen, and abandons them."""
     import pyarrow.compute as pc
 
     unique_residues = 0
@@ -298,6 +319,8 @@ def _finish(
           ParquetSink(tmp_seq, row_group_rows, pool, depth) as uniques_sink,
           ParquetSink(tmp_rec, row_group_rows, pool, depth) as records_sink):
         for table in partitions:
+            if check is not None and check.done():
+                check.result()  # raises its error now, not after the whole collapse
             if len(drops):  # duplicate accessions skipped: uncount their residues
                 dropped = np.isin(record_keys(table), drops)
                 sequences = table.column("sequence").filter(to_arrow(dropped))
@@ -312,6 +335,8 @@ def _finish(
             del table
         uniques_sink.close()
         records_sink.close()
+        if check is not None:
+            check.result()
         if uniques_sink.rows == 0:
             raise InputFormatError("no valid records in the input: nothing to ingest")
         report = _report(stats, uniques_sink.rows, unique_residues)

@@ -193,6 +193,40 @@ def test_partitions_beyond_the_fanout_split_on_disk_to_the_same_bytes(
     assert outputs(split) == outputs(plain)
 
 
+def test_a_duplicate_accession_stops_the_collapse_running_beside_its_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``on_error`` fail, the duplicate-accession check runs beside the collapse (here
+    made slow, the collapse of each partition too): its error (a one-thread run's) is raised
+    as soon as it is seen, and no output is kept."""
+    import time
+
+    import pipeline.ingest as ingest_module
+
+    text = _records(3000, {})
+    fasta = write_fasta(tmp_path / "dups.fa", text + text.split(">")[1].join([">", ""]))
+    real_collapse, real_check = ingest_module.collapse, ingest_module.duplicate_accessions
+    collapsed: list[int] = []
+
+    def slow_collapse(table, piece_bytes):
+        collapsed.append(table.num_rows)
+        time.sleep(0.05)
+        yield from real_collapse(table, piece_bytes)
+
+    def slow_check(*args):
+        time.sleep(0.3)
+        return real_check(*args)
+
+    monkeypatch.setattr(ingest_module, "collapse", slow_collapse)
+    monkeypatch.setattr(ingest_module, "duplicate_accessions", slow_check)
+    out = tmp_path / "out"
+    with pytest.raises(InputFormatError, match=r"dups\.fa: record P00000 \(line 6001\): "
+                       r"duplicate accession \(first seen in dups\.fa at line 1\)"):
+        ingest([fasta], out, chunk_bytes=CHUNK, bucket_bytes=1 << 14, workers=2)
+    planned = ingest_module.plan_buckets([fasta], 1 << 14)
+    assert planned > 50 and 0 < len(collapsed) < planned / 2, (len(collapsed), planned)
+    assert not out.exists() or list(out.rglob("*")) == []
+
+
 def test_parts_merge_to_the_same_bytes_when_partitions_split(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.partition as partition
