@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work")
     ap.add_argument("--skip-rss", action="store_true", help="skip the 100 MB / 1 GB memory runs")
+    ap.add_argument("--cold", action="store_true",
+                    help="do not read the input into the page cache before each run")
     ap.add_argument("--rss-n-sequences", type=int, default=2_300_000,
                     help="sequences of the file the 100 MB / 1 GB prefixes are cut from")
     args = ap.parse_args()
@@ -108,11 +110,12 @@ def main() -> None:
         f"ingest, {cpus} thr., numpy": (ingest_command(fasta, out, cpus, "thread"), DEVNULL),
     }
     env = {f"ingest, {cpus} thr., numpy": {"ESM2_NUMPY_KERNELS": "1"}}
+    warm = () if args.cold else (fasta,)
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     for _ in range(args.runs):  # interleaved, so a slow spell of the machine hits every variant
         for name, (cmd, stdout) in variants.items():
             runs[name].append(run_measured(cmd, stdout=stdout, env=env.get(name),
-                                           outputs=(out, bio_out), warm=(fasta,)))
+                                           outputs=(out, bio_out), warm=warm))
     print(f"\n{'variant':<24}{'wall s':>8}{'spread s':>14}{'MB/s (FASTA)':>14}"
           f"{'seq/s':>12}{'peak MiB':>10}")
     best = {}
@@ -139,7 +142,7 @@ def main() -> None:
             rss_out = args.work / "rss-out"
             wall, rss = run_measured(
                 ingest_command(part, rss_out, cpus, "thread"), DEVNULL, outputs=(rss_out,),
-                warm=(part,))
+                warm=() if args.cold else (part,))
             print(f"  {label:>6} ({part.stat().st_size / 1e6:.0f} MB): {wall:6.1f} s, "
                   f"peak {rss:.0f} MiB")
 
