@@ -283,17 +283,29 @@ def _check_and_finish(
     """The duplicate-accession check over the ``accessions`` partitions, then :func:`_finish`
     of the sequence ``partitions``. Where a duplicate fails the run (``on_error`` "fail": no
     record is ever dropped) the check runs on a thread of its own beside the collapse, and the
-    outputs are kept only once it has passed; its error, if any, is the one raised."""
+    outputs are kept only once it has passed; its error, if any, is the one raised (an
+    interrupt stops the check at its next partition instead)."""
     if on_error != "fail":
         drops = duplicate_accessions(accessions, sources, _rejects(on_error, stats))
         return _finish(out, partitions, drops, stats, row_group_rows)
+    interrupted = threading.Event()
+
+    def until_interrupted(tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
+        for table in tables:
+            if interrupted.is_set():
+                return
+            yield table
+
     with ThreadPoolExecutor(1, thread_name_prefix="ingest-accessions") as pool:
-        check = pool.submit(duplicate_accessions, accessions, sources, None)
+        check = pool.submit(duplicate_accessions, until_interrupted(accessions), sources, None)
         try:
             return _finish(out, partitions, np.zeros(0, np.int64), stats, row_group_rows,
                            check)
-        except BaseException:
+        except Exception:
             check.result()  # a duplicate accession, found first in a one-thread run
+            raise
+        except BaseException:  # Ctrl-C, SystemExit: do not finish a release-sized check first
+            interrupted.set()
             raise
 
 

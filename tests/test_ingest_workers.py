@@ -227,6 +227,40 @@ def test_a_duplicate_accession_stops_the_collapse_running_beside_its_check(
     assert not out.exists() or list(out.rglob("*")) == []
 
 
+def test_an_interrupt_stops_the_accession_check_beside_the_collapse(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during the collapse does not wait for the whole duplicate-accession check (at
+    UniProt scale, a minute): it stops at its next partition, and no output is kept."""
+    import time
+
+    import pipeline.ingest as ingest_module
+
+    fasta = write_fasta(tmp_path / "in.fa", _records(3000, {}))
+    real_check = ingest_module.duplicate_accessions
+    checked: list[int] = []
+
+    def slow_check(partitions, *args):
+        def slowly():
+            for table in partitions:
+                checked.append(table.num_rows)
+                time.sleep(0.05)
+                yield table
+        return real_check(slowly(), *args)
+
+    def interrupted(table, piece_bytes):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(ingest_module, "duplicate_accessions", slow_check)
+    monkeypatch.setattr(ingest_module, "collapse", interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        ingest([fasta], out, chunk_bytes=CHUNK, bucket_bytes=1 << 14, workers=2)
+    planned = ingest_module.plan_buckets([fasta], 1 << 14)
+    assert planned > 50 and len(checked) < planned / 2, (len(checked), planned)
+    assert not out.exists() or list(out.rglob("*")) == []
+
+
 def test_parts_merge_to_the_same_bytes_when_partitions_split(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import pipeline.partition as partition
