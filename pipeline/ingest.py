@@ -291,8 +291,11 @@ def _check_and_finish(
     interrupted = threading.Event()
 
     def until_interrupted(tables: Iterable[pa.Table]) -> Iterator[pa.Table]:
-        for table in tables:
-            if interrupted.is_set():
+        """``tables``, none read once interrupted (the flag is seen before the next read)."""
+        remaining = iter(tables)
+        while not interrupted.is_set():
+            table = next(remaining, None)
+            if table is None:
                 return
             yield table
 
@@ -304,9 +307,8 @@ def _check_and_finish(
         except Exception:
             check.result()  # a duplicate accession, found first in a one-thread run
             raise
-        except BaseException:  # Ctrl-C, SystemExit: do not finish a release-sized check first
+        finally:  # done, or Ctrl-C/SystemExit (also while waiting above): stop the check
             interrupted.set()
-            raise
 
 
 def _finish(
