@@ -134,14 +134,14 @@ def duplicate_accessions(
         rows = table.take(to_arrow(np.flatnonzero(np.isin(hashes, repeated))))
         seen: dict[str, tuple[int, int]] = {}
         dups = []
-        for accession, source, line in sorted(zip(rows.column("accession").to_pylist(),
-                                                  rows.column("source").to_pylist(),
-                                                  rows.column("line").to_pylist(), strict=True)):
+        for accession, source, line, key in sorted(zip(
+                rows.column("accession").to_pylist(), rows.column("source").to_pylist(),
+                rows.column("line").to_pylist(), record_keys(rows).tolist(), strict=True)):
             if accession in seen:
-                dups.append((source, line, accession))
+                dups.append((source, line, accession, key))
             else:
                 seen[accession] = (source, line)
-        for source, line, accession in sorted(dups):
+        for source, line, accession, _ in sorted(dups):
             first_source, first_line = seen[accession]
             message = (f"{sources[source]}: record {accession} (line {line}): duplicate "
                        f"accession (first seen in {sources[first_source].name} at line "
@@ -149,5 +149,5 @@ def duplicate_accessions(
             if reject is None:
                 raise InputFormatError(message)
             reject("duplicate_accession", message)
-        drops.append(np.array([(source << 40) | line for source, line, _ in dups], np.int64))
+        drops.append(np.array([key for *_, key in dups], np.int64))
     return np.concatenate(drops)
